@@ -1,0 +1,46 @@
+# lustrefs — set-up and developer targets. `make demo` and `make test` install what is missing first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MNT    ?= $(CURDIR)/demo-mnt
+SBIN   ?= /sbin
+PYTEST_ARGS ?=
+
+.PHONY: demo test deps system-deps lint install bench clean
+
+deps: system-deps $(VENV)/.installed
+
+# System packages: FUSE 3 (fusermount3, /dev/fuse support) and what pyfuse3 needs to build from source.
+system-deps:
+	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null \
+	    || ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
+	  echo "Installing system packages: fuse3 libfuse3-dev pkg-config python3-venv"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc >/dev/null; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+demo: deps
+	$(PY) -m lustrefs.demo --mountpoint "$(MNT)"
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check lustrefs tests benchmarks
+
+# Puts the mount(8) helper on the sbin path so that `mount -t lustrefs FS_ID /mnt` works.
+install: deps
+	ln -sf $(abspath $(VENV))/bin/mount.lustrefs $(SBIN)/mount.lustrefs
+	ln -sf $(abspath $(VENV))/bin/lustrefs /usr/local/bin/lustrefs
+
+bench: deps
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,360 @@
+"""Command line: the ``lustrefs`` console script (AWS CLI style) and the ``mount.lustrefs`` mount(8) helper.
+
+``lustrefs`` parses arguments the way the AWS CLI does (shorthand ``k=v,k2=v2`` or JSON for structures,
+``Key=a,Value=b`` items for lists of structures), prints responses as indented JSON and exits 254 on a
+service error and 252 on a usage error, like ``aws``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import botocore.exceptions
+
+from . import control
+from .errors import FsxError
+from .s3client import make_client
+
+EXIT_SERVICE_ERROR = 254
+EXIT_USAGE = 252
+EXIT_OTHER_ERROR = 255
+MOUNT_EXIT_USAGE = 1  # mount(8): incorrect invocation
+MOUNT_EXIT_FAILURE = 32  # mount(8): mount failure
+
+# Shorthand values are strings; these members are coerced as the AWS CLI does from the service model.
+INTEGER_MEMBERS = frozenset(
+    ("ImportedFileChunkSize", "PerUnitStorageThroughput", "AutomaticBackupRetentionDays",
+     "ThroughputCapacity")
+)
+BOOLEAN_MEMBERS = frozenset(("CopyTagsToBackups", "EfaEnabled"))
+
+# mount(8) options that mean nothing to the FUSE daemon (``ro`` is kept).
+GENERIC_MOUNT_OPTIONS = frozenset(
+    ("defaults", "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group", "rw")
+)
+SHORTHAND_KEY = re.compile(r"\s*([A-Za-z0-9_.:-]+)\s*=")
+
+
+class UsageError(ValueError):
+    """A malformed argument value (reported like argparse errors, exit 252)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors exit with ``exit_code`` (252 for ``lustrefs``, as ``aws``)."""
+
+    exit_code = EXIT_USAGE
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.exit_code, f"{self.prog}: error: {message}\n")
+
+
+class MountParser(Parser):
+    exit_code = MOUNT_EXIT_USAGE
+
+
+# --------------------------------------------------------------------------------- shorthand parsing
+
+
+def parse_shorthand(text: str) -> dict[str, Any]:
+    """Parse AWS CLI shorthand ``k=v,k2=v2`` into a dict of strings.
+
+    Values may be quoted (``k="a,b"``); an unquoted value runs up to the next ``,key=``, so a comma that
+    is not followed by ``key=`` stays in the value.
+    """
+    result: dict[str, Any] = {}
+    pos = 0
+    while pos < len(text):
+        m = SHORTHAND_KEY.match(text, pos)
+        if not m:
+            raise UsageError(f"expected key=value at position {pos} in {text!r}")
+        key, pos = m.group(1), m.end()
+        if pos < len(text) and text[pos] in "\"'":
+            end = text.find(text[pos], pos + 1)
+            if end < 0:
+                raise UsageError(f"unterminated quote in {text!r}")
+            value, pos = text[pos + 1 : end], end + 1
+            if pos < len(text) and text[pos] != ",":
+                raise UsageError(f"expected ',' after the quoted value of {key!r} in {text!r}")
+        else:
+            end = _value_end(text, pos)
+            value, pos = text[pos:end].strip(), end
+        if key in result:
+            raise UsageError(f"duplicate key {key!r} in {text!r}")
+        result[key] = value
+        pos += 1  # skip the comma
+    return result
+
+
+def _value_end(text: str, pos: int) -> int:
+    """The end of an unquoted value: the first comma followed by ``key=``, else the end of the text."""
+    while True:
+        comma = text.find(",", pos)
+        if comma < 0 or SHORTHAND_KEY.match(text, comma + 1):
+            return len(text) if comma < 0 else comma
+        pos = comma + 1
+
+
+def _coerce_members(struct: dict[str, Any]) -> dict[str, Any]:
+    """Convert shorthand strings of integer/boolean members; values that do not convert are left as given."""
+    out: dict[str, Any] = {}
+    for key, value in struct.items():
+        if key in INTEGER_MEMBERS and re.fullmatch(r"-?\d+", value):
+            value = int(value)
+        elif key in BOOLEAN_MEMBERS and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        out[key] = value
+    return out
+
+
+def parse_structure(text: str) -> dict[str, Any]:
+    """A structure argument: JSON (``{...}``) or shorthand (``k=v,...``); argparse ``type=``."""
+    if text.lstrip().startswith("{"):
+        value = _parse_json(text)
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object")
+        return value
+    try:
+        return _coerce_members(parse_shorthand(text))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_structure_list_item(text: str) -> list[dict[str, Any]]:
+    """One word of a list-of-structures argument: a JSON list, or one structure (JSON or shorthand)."""
+    if text.lstrip().startswith("["):
+        value = _parse_json(text)
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise argparse.ArgumentTypeError("expected a JSON list of objects")
+        return value
+    return [parse_structure(text)]
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON: {e}") from None
+
+
+def _flatten(items: list[list[dict[str, Any]]] | None) -> list[dict[str, Any]] | None:
+    return None if items is None else [s for item in items for s in item]
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def _print_json(value: dict[str, Any]) -> None:
+    print(json.dumps(value, indent=4, ensure_ascii=False))
+
+
+def _endpoint(args: argparse.Namespace) -> str | None:
+    """The S3 endpoint in effect: ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``."""
+    return args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def cmd_create_file_system(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {
+        "ClientRequestToken": args.client_request_token,
+        "FileSystemType": args.file_system_type,
+        "StorageCapacity": args.storage_capacity,
+        "StorageType": args.storage_type,
+        "SubnetIds": args.subnet_ids,
+        "SecurityGroupIds": args.security_group_ids,
+        "Tags": _flatten(args.tags),
+        "LustreConfiguration": args.lustre_configuration,
+        "FileSystemTypeVersion": args.file_system_type_version,
+    }
+    request = {k: v for k, v in request.items() if v is not None}
+    endpoint = _endpoint(args)
+    s3 = make_client(endpoint, args.region, args.profile)
+    _print_json(control.create_file_system(request, s3, endpoint, s3.meta.region_name))
+    return 0
+
+
+def cmd_describe_file_systems(args: argparse.Namespace) -> int:
+    if args.max_results is not None or args.next_token is not None:
+        _print_json(control.describe_file_systems(args.file_system_ids, args.max_results, args.next_token))
+        return 0
+    # Like the AWS CLI, without paging parameters every page is fetched and merged.
+    file_systems: list[dict[str, Any]] = []
+    token = None
+    while True:
+        page = control.describe_file_systems(args.file_system_ids, None, token)
+        file_systems += page["FileSystems"]
+        token = page.get("NextToken")
+        if token is None:
+            break
+    _print_json({"FileSystems": file_systems})
+    return 0
+
+
+def cmd_update_file_system(args: argparse.Namespace) -> int:
+    _print_json(control.update_file_system(args.file_system_id, args.lustre_configuration))
+    return 0
+
+
+def cmd_delete_file_system(args: argparse.Namespace) -> int:
+    _print_json(control.delete_file_system(args.file_system_id))
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from . import daemon  # imported lazily: the control plane works without the FUSE stack
+
+    return daemon.mount(
+        args.fs_id,
+        args.mountpoint,
+        options=args.options,
+        foreground=args.foreground,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        profile=args.profile,
+    )
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from . import daemon
+
+    return daemon.umount(args.mountpoint)
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--endpoint-url", default=default, help="override the S3 endpoint URL")
+    parser.add_argument("--region", default=default, help="the AWS Region")
+    parser.add_argument("--profile", default=default, help="a profile from the AWS config/credentials files")
+
+
+def build_parser() -> Parser:
+    """The ``lustrefs`` argument parser (global options are accepted before or after the command)."""
+    parser = Parser(prog="lustrefs", description="FSx for Lustre style file systems linked to S3 buckets.")
+    _global_options(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    Command = Callable[[argparse.Namespace], int]
+
+    def command(name: str, help_text: str, func: Command) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("create-file-system", "Create a file system linked to an S3 bucket.", cmd_create_file_system)
+    p.add_argument("--file-system-type", required=True, help="LUSTRE")
+    p.add_argument("--storage-capacity", type=int, help="storage capacity in GiB")
+    p.add_argument("--lustre-configuration", type=parse_structure, help="shorthand k=v,... or JSON")
+    p.add_argument("--tags", nargs="+", type=parse_structure_list_item, help="Key=k,Value=v ... or JSON list")
+    p.add_argument("--client-request-token", help="idempotency token")
+    p.add_argument("--subnet-ids", nargs="+", help="accepted and stored, not used")
+    p.add_argument("--security-group-ids", nargs="+", help="accepted and stored, not used")
+    p.add_argument("--file-system-type-version", help="accepted and stored, not used")
+    p.add_argument("--storage-type", help="accepted and stored, not used")
+
+    p = command("describe-file-systems", "Describe file systems.", cmd_describe_file_systems)
+    p.add_argument("--file-system-ids", nargs="+", metavar="ID")
+    p.add_argument("--max-results", type=int)
+    p.add_argument("--next-token")
+
+    p = command("update-file-system", "Change a file system's updatable settings.", cmd_update_file_system)
+    p.add_argument("--file-system-id", required=True)
+    p.add_argument("--lustre-configuration", type=parse_structure, required=True, help="shorthand or JSON")
+
+    p = command("delete-file-system", "Delete a file system and its local state.", cmd_delete_file_system)
+    p.add_argument("--file-system-id", required=True)
+
+    p = command("mount", "Mount a file system with the FUSE daemon.", cmd_mount)
+    p.add_argument("fs_id", metavar="FS_ID")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", metavar="OPTS", help="comma-separated mount options")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+
+    p = command("umount", "Unmount a lustrefs mount point.", cmd_umount)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return parser
+
+
+def _run(func: Callable[[], int], service_exit: int) -> int:
+    """Run a command; errors print like the AWS CLI (blank line, then the message) on stderr."""
+    try:
+        return func()
+    except FsxError as e:
+        print(f"\n{e}", file=sys.stderr)
+        return service_exit
+    except botocore.exceptions.BotoCoreError as e:  # e.g. an unknown --profile
+        print(f"\n{e}", file=sys.stderr)
+        return EXIT_OTHER_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lustrefs`` console script."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) and usage errors (252)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    return _run(lambda: args.func(args), EXIT_SERVICE_ERROR)
+
+
+# ------------------------------------------------------------------------------------ mount(8) helper
+
+
+def filter_mount_options(options: str | None) -> str | None:
+    """Drop mount(8)'s generic options (``defaults``, ``_netdev``, ``x-*``…; ``ro`` stays); None if empty."""
+    kept = [
+        opt
+        for opt in (o.strip() for o in (options or "").split(","))
+        if opt
+        and opt not in GENERIC_MOUNT_OPTIONS
+        and not opt.startswith(("comment=", "x-", "_"))
+    ]
+    return ",".join(kept) or None
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """``mount.lustrefs FS_ID MOUNTPOINT [-o OPTS] [-s] [-f] [-n] [-v] [-N ns] [-t type]`` (mount(8) helper).
+
+    ``-f`` (fake) does everything but the mount; ``-s``, ``-n``, ``-N`` and ``-t`` are accepted and ignored.
+    """
+    parser = MountParser(prog="mount.lustrefs", description="mount(8) helper for lustrefs file systems.")
+    parser.add_argument("fs_id", metavar="FS_ID")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+    parser.add_argument("-o", dest="options", action="append", metavar="OPTS")
+    parser.add_argument("-s", action="store_true", help="sloppy: tolerate unknown options (ignored)")
+    parser.add_argument("-f", dest="fake", action="store_true", help="fake: do everything but the mount")
+    parser.add_argument("-n", action="store_true", help="do not write /etc/mtab (ignored)")
+    parser.add_argument("-v", dest="verbose", action="store_true", help="verbose")
+    parser.add_argument("-N", dest="namespace", help="mount namespace (ignored)")
+    parser.add_argument("-t", dest="type", help="file system type (ignored)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else MOUNT_EXIT_USAGE
+    options = filter_mount_options(",".join(args.options or []))
+    if args.verbose:
+        print(f"mount.lustrefs: mounting {args.fs_id} on {args.mountpoint} (options: {options or '-'})")
+    if args.fake:
+        return 0
+
+    def mount() -> int:
+        from . import daemon
+
+        return daemon.mount(
+            args.fs_id,
+            args.mountpoint,
+            options=options,
+            foreground=False,
+            endpoint_url=None,
+            region=None,
+            profile=None,
+        )
+
+    return _run(mount, MOUNT_EXIT_FAILURE)

@@ -1,0 +1,397 @@
+"""Mounting and unmounting: checks before mounting, the daemon process, and its lifecycle.
+
+``mount`` checks everything that can fail early (record, options, mount point, bucket access), then either
+serves in the foreground or starts a detached daemon and returns once the mount answers. The daemon owns
+one trio thread: pyfuse3's request tasks, the namespace's background work and housekeeping all run in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import db, options, records, s3client
+from .cache import Cache
+from .errors import FsxError
+from .events import EventLog
+from .fs import Operations
+from .namespace import Defaults, Namespace
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+MOUNT_FAILURE = 32  # mount(8)'s exit status for "mount failure"
+READY_TIMEOUT = 60.0
+UMOUNT_TIMEOUT = 120.0
+FLUSH_INTERVAL = 30.0
+
+
+class MountError(Exception):
+    """A mount that cannot be made; the message says why."""
+
+
+@dataclass
+class MountPlan:
+    """Everything a daemon needs, resolved and checked before it starts."""
+
+    fs_id: str
+    mountpoint: str
+    opts: options.MountOptions
+    record: dict[str, Any]
+    bucket: str
+    import_prefix: str
+    endpoint_url: str | None
+    region: str | None
+    profile: str | None
+
+    def client(self, **kwargs: Any) -> Any:
+        return s3client.make_client(self.endpoint_url, self.region, self.profile, **kwargs)
+
+
+def plan(
+    fs_id: str,
+    mountpoint: str,
+    opts_text: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    profile: str | None,
+) -> MountPlan:
+    """Resolve and check a mount request. Raises MountError."""
+    try:
+        record = records.load_record(fs_id)
+    except FsxError as exc:
+        raise MountError(str(exc)) from None
+    try:
+        opts = options.parse_options(opts_text)
+    except options.OptionError as exc:
+        raise MountError(str(exc)) from None
+    repo_conf = record.get("LustreConfiguration", {}).get("DataRepositoryConfiguration") or {}
+    url = s3client.S3Url.parse(repo_conf.get("ImportPath", ""))
+    if url is None:
+        raise MountError(f"file system {fs_id} has no data repository (ImportPath); nothing to mount")
+    mountpoint = os.path.realpath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
+    state = records.mount_state(fs_id)
+    if state is not None:
+        raise MountError(f"file system {fs_id} is already mounted at {state['mountpoint']} (pid {state['pid']})")
+    return MountPlan(
+        fs_id=fs_id,
+        mountpoint=mountpoint,
+        opts=opts,
+        record=record,
+        bucket=url.bucket,
+        import_prefix=url.prefix,
+        endpoint_url=opts.endpoint_url or endpoint_url or record.get("_EndpointUrl"),
+        region=region or record.get("_Region"),
+        profile=profile,
+    )
+
+
+def check_bucket(p: MountPlan) -> None:
+    """Fail fast, with a clear message, if the import bucket cannot be read."""
+    client = p.client(connect_timeout=3, read_timeout=10, max_attempts=2)
+    try:
+        client.list_objects_v2(Bucket=p.bucket, Prefix=p.import_prefix, MaxKeys=1)
+    except Exception as exc:
+        where = p.endpoint_url or "the default S3 endpoint"
+        raise MountError(f"cannot read s3://{p.bucket}/{p.import_prefix} at {where}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def mount(
+    fs_id: str,
+    mountpoint: str,
+    options: str | None = None,
+    foreground: bool = False,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+) -> int:
+    """``lustrefs mount``: returns once the mount answers (or at unmount with ``foreground``)."""
+    try:
+        p = plan(fs_id, mountpoint, options, endpoint_url, region, profile)
+        check_bucket(p)
+    except MountError as exc:
+        print(f"lustrefs mount: {exc}", file=sys.stderr)
+        return MOUNT_FAILURE
+    if foreground:
+        return serve(p, ready_fd=None)
+    return _start_daemon(p)
+
+
+def _daemon_argv(p: MountPlan, ready_fd: int) -> list[str]:
+    argv = [sys.executable, "-m", "lustrefs.daemon", p.fs_id, p.mountpoint, "--ready-fd", str(ready_fd)]
+    argv += ["-o", options.to_string(p.opts)]
+    for flag, value in (("--endpoint-url", p.endpoint_url), ("--region", p.region), ("--profile", p.profile)):
+        if value:
+            argv += [flag, value]
+    return argv
+
+
+def _start_daemon(p: MountPlan) -> int:
+    """Start the daemon detached; wait until it reports the mount ready and the mount point answers."""
+    logfile = records.fs_dir(p.fs_id) / "daemon.log"
+    r, w = os.pipe()
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            _daemon_argv(p, w),
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        line = _read_line_with_timeout(ready, READY_TIMEOUT)
+    if line.strip() != b"READY":
+        if proc.poll() is None:
+            proc.terminate()
+        print(f"lustrefs mount: the daemon did not start; {_tail(logfile)}", file=sys.stderr)
+        return MOUNT_FAILURE
+    if not _answers(p.mountpoint):
+        print(f"lustrefs mount: {p.mountpoint} does not answer; see {logfile}", file=sys.stderr)
+        return MOUNT_FAILURE
+    return 0
+
+
+def _read_line_with_timeout(f: Any, timeout: float) -> bytes:
+    result: list[bytes] = [b""]
+    t = threading.Thread(target=lambda: result.__setitem__(0, f.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0]
+
+
+def _answers(mountpoint: str, timeout: float = 20.0) -> bool:
+    """Whether ``stat`` of the mount point succeeds within ``timeout`` (a hung mount must not hang us)."""
+    ok: list[bool] = [False]
+
+    def probe() -> None:
+        with contextlib.suppress(OSError):
+            os.stat(mountpoint)
+            ok[0] = True
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return ok[0]
+
+
+def _tail(logfile: Path, lines: int = 5) -> str:
+    try:
+        text = logfile.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return f"see {logfile}"
+    return "last lines of its log:\n  " + "\n  ".join(text) if text else f"see {logfile}"
+
+
+def find_daemon(mountpoint: str) -> dict[str, Any] | None:
+    """The mount state (fs id, pid) of the daemon serving ``mountpoint``, if any."""
+    target = os.path.realpath(mountpoint)
+    for rec in records.list_records():
+        state = records.mount_state(rec["FileSystemId"])
+        if state and os.path.realpath(state["mountpoint"]) == target:
+            return {**state, "fs_id": rec["FileSystemId"]}
+    return None
+
+
+def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
+    """``lustrefs umount``: unmount and wait for the daemon to exit."""
+    state = find_daemon(mountpoint)
+    if state is None and not os.path.ismount(mountpoint):
+        print(f"lustrefs umount: {mountpoint} is not a lustrefs mount", file=sys.stderr)
+        return 1
+    res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"lustrefs umount: {res.stderr.strip() or 'fusermount3 failed'}", file=sys.stderr)
+        return 1
+    if state is None:
+        return 0
+    deadline = time.monotonic() + timeout
+    while _alive(int(state["pid"])):
+        if time.monotonic() > deadline:
+            print(f"lustrefs umount: daemon {state['pid']} still running after {timeout:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- the daemon
+
+
+def _setup_logging(level: str, logfile: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if logfile is not None and not _stderr_is(logfile):
+        handlers.append(logging.FileHandler(logfile))
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):  # never log requests (credentials)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stderr_is(path: Path) -> bool:
+    try:
+        a, b = os.fstat(2), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _cache_targets(p: MountPlan, home: Path) -> list[Path]:
+    dirs = [Path(d) for d in p.opts.cache_dirs] or [home / "cache"]
+    return [records.private_dir(d) for d in dirs]
+
+
+def serve(p: MountPlan, ready_fd: int | None) -> int:
+    """Run the file system until it is unmounted or signalled. Returns the exit status."""
+    home = records.fs_dir(p.fs_id)
+    _setup_logging(p.opts.log_level, home / "daemon.log")
+    faulthandler.register(signal.SIGUSR1)
+    repo_conf = p.record["LustreConfiguration"]["DataRepositoryConfiguration"]
+    chunk_size = int(repo_conf.get("ImportedFileChunkSize", 1024)) * options.MIB
+    capacity_gib = p.opts.cache_size_gib or float(p.record.get("StorageCapacity", 1200))
+    part_size = min(p.opts.part_size_mib * options.MIB, chunk_size)
+    if chunk_size % part_size:
+        part_size = options.MIB
+
+    conn = db.connect(home / "state.db")
+    events = EventLog(home / "events.jsonl", p.fs_id)
+    targets = _cache_targets(p, home)
+    layout = json.dumps({"targets": [str(t) for t in targets], "part": part_size, "chunk": chunk_size})
+    if db.get_setting(conn, "cache_layout") not in (None, layout):
+        log.info("cache layout changed; starting with an empty cache index")
+        conn.execute("DELETE FROM cache_parts")
+    db.set_setting(conn, "cache_layout", layout)
+
+    repo = Repository(p.client(max_pool_connections=p.opts.max_connections), p.bucket, p.opts.max_connections)
+    defaults = Defaults(p.opts.uid, p.opts.gid, p.opts.file_mode, p.opts.dir_mode)
+    ns = Namespace(conn, repo, events, p.import_prefix, defaults, p.opts.posix_metadata, p.opts.max_connections)
+    cache = Cache(conn, repo, targets, int(capacity_gib * options.GIB), chunk_size, part_size)
+    cache.load()
+    ops = Operations(ns, cache, p.opts.attr_timeout)
+
+    fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs", "ro"}
+    if p.opts.allow_other:
+        fuse_opts.add("allow_other")
+    try:
+        pyfuse3.init(ops, p.mountpoint, fuse_opts)
+    except RuntimeError as exc:
+        log.error("cannot mount %s: %s", p.mountpoint, exc)
+        return MOUNT_FAILURE
+    state_file = home / "mount.json"
+    state_file.write_text(json.dumps({"pid": os.getpid(), "mountpoint": p.mountpoint}))
+    log.info("mounted %s (s3://%s/%s) at %s", p.fs_id, p.bucket, p.import_prefix, p.mountpoint)
+    clean = False
+    try:
+        trio.run(_main, ns, cache, ready_fd)
+        clean = True
+    except BaseException:
+        log.exception("the file system failed")
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            cache.flush()
+        pyfuse3.close(unmount=clean)
+        state_file.unlink(missing_ok=True)
+        conn.close()
+        events.close()
+        log.info("unmounted %s", p.mountpoint)
+    return 0
+
+
+async def _main(ns: Namespace, cache: Cache, ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ns.run)
+        nursery.start_soon(_housekeeping, cache)
+        nursery.start_soon(_signals)
+        fuse_done = trio.Event()
+
+        async def fuse_main() -> None:
+            try:
+                await pyfuse3.main()
+            finally:
+                fuse_done.set()
+
+        nursery.start_soon(fuse_main)
+        await trio.lowlevel.checkpoint()
+        if ready_fd is not None:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+        await fuse_done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _housekeeping(cache: Cache) -> None:
+    while True:
+        await trio.sleep(FLUSH_INTERVAL)
+        cache.flush()
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of the daemon process started by ``mount`` (not a user command)."""
+    ap = argparse.ArgumentParser(prog="lustrefs-daemon")
+    ap.add_argument("fs_id")
+    ap.add_argument("mountpoint")
+    ap.add_argument("-o", dest="options", default="")
+    ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--endpoint-url")
+    ap.add_argument("--region")
+    ap.add_argument("--profile")
+    a = ap.parse_args(argv)
+    try:
+        p = plan(a.fs_id, a.mountpoint, a.options, a.endpoint_url, a.region, a.profile)
+    except MountError as exc:
+        print(f"lustrefs daemon: {exc}", file=sys.stderr)
+        return MOUNT_FAILURE
+    return serve(p, a.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The POSIX namespace, loaded lazily from S3 listings and kept in SQLite.
+
+A directory's entries are loaded the first time it is looked up in or listed, one ``ListObjectsV2`` page per
+transaction, in a background task so that a lookup waits only until the listing has passed its name. The
+POSIX metadata of each entry (``x-amz-meta-file-*``) needs a HEAD: a bounded pool of workers issues them for
+a directory's new entries as it is listed, and ``lookup``/``getattr`` of one entry wait only for that entry
+(or issue its HEAD at once). The metadata is stored with the ETag it belongs to, so each object version is
+HEADed once. All state lives in SQLite; the in-memory maps hold only work in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from . import metadata, paths
+from .events import EventLog
+from .repository import AccessDenied, NotFound, ObjectInfo, Repository, RepositoryError
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+IMPLIED = ""  # meta_etag of a directory that has no marker object (nothing to HEAD)
+
+
+class NoEntry(Exception):
+    """The inode or name does not exist (ENOENT)."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Attributes of entries whose objects carry no POSIX metadata (mount options uid, gid, *_mode)."""
+
+    uid: int = 0
+    gid: int = 0
+    file_mode: int = 0o755
+    dir_mode: int = 0o755
+
+
+@dataclass
+class _Listing:
+    """A directory listing in progress: how far it got (an S3 key) and a wake-up for waiters."""
+
+    progress: str = ""
+    done: bool = False
+    error: Exception | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def advance(self, progress: str | None = None) -> None:
+        if progress is not None:
+            self.progress = max(self.progress, progress)
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@dataclass
+class _Head:
+    """A HEAD in flight for one inode; waiters read ``error`` after ``done`` is set."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+
+class Namespace:
+    """Inodes, names and attributes; the only writer of the ``inodes`` table."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        repo: Repository,
+        events: EventLog,
+        import_prefix: str,
+        defaults: Defaults,
+        posix_metadata: bool = True,
+        head_workers: int = 16,
+    ) -> None:
+        self.conn = conn
+        self.conn.row_factory = sqlite3.Row
+        self.repo = repo
+        self.events = events
+        self.import_prefix = import_prefix
+        self.defaults = defaults
+        self.posix_metadata = posix_metadata
+        self.head_workers = head_workers
+        self.lookup_counts: dict[int, int] = {}
+        self._listings: dict[int, _Listing] = {}
+        self._heads: dict[int, _Head] = {}
+        self._head_send, self._head_recv = trio.open_memory_channel[int](math.inf)
+        self._nursery: trio.Nursery | None = None
+        self._ensure_root()
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def _ensure_root(self) -> None:
+        if self.conn.execute("SELECT 1 FROM inodes WHERE ino = ?", (ROOT_INODE,)).fetchone() is None:
+            self._insert(ROOT_INODE, "", stat.S_IFDIR | self.defaults.dir_mode, "", meta_etag=IMPLIED, ino=ROOT_INODE)
+
+    def _insert(
+        self,
+        parent: int,
+        name: str,
+        mode: int,
+        key: str,
+        *,
+        size: int = 0,
+        mtime_ns: int | None = None,
+        etag: str | None = None,
+        meta_etag: str | None = None,
+        ino: int | None = None,
+    ) -> int:
+        """Insert an inode with the mount's default owner; returns its number."""
+        now = time.time_ns()
+        mtime = now if mtime_ns is None else mtime_ns
+        cur = self.conn.execute(
+            "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
+            " meta_etag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ino,
+                parent,
+                name,
+                mode,
+                self.defaults.uid,
+                self.defaults.gid,
+                size,
+                mtime,
+                mtime,
+                now,
+                key,
+                etag,
+                meta_etag,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the background work (listings, HEAD workers) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.head_workers):
+                nursery.start_soon(self._head_worker)
+            pending = [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE meta_etag IS NULL")]
+            for ino in pending:
+                self._head_send.send_nowait(ino)
+            task_status.started()
+
+    # ----------------------------------------------------------------------------------------- queries
+
+    def get(self, ino: int) -> sqlite3.Row:
+        row = self.conn.execute("SELECT * FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            raise NoEntry(ino)
+        return row
+
+    def _child(self, parent: int, name: str) -> sqlite3.Row | None:
+        return self.conn.execute(
+            "SELECT * FROM inodes WHERE parent = ? AND name = ? AND ino != ?", (parent, name, ROOT_INODE)
+        ).fetchone()
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM inodes").fetchone()[0]
+
+    async def getattr(self, ino: int) -> sqlite3.Row:
+        """The inode's row, with its POSIX metadata applied (waits for its HEAD if needed)."""
+        row = self.get(ino)
+        if row["meta_etag"] is None:
+            await self._ensure_meta(ino)
+            row = self.get(ino)
+        return row
+
+    async def lookup(self, parent: int, name: str) -> sqlite3.Row:
+        """The entry ``name`` of directory ``parent``; loads the listing as far as needed. Raises NoEntry."""
+        dir_row = self.get(parent)
+        if not stat.S_ISDIR(dir_row["mode"]):
+            raise NotADirectoryError(parent)
+        row = self._child(parent, name)
+        if row is None and not dir_row["listed"]:
+            await self._wait_listed(dir_row, until=dir_row["key"] + name + "/")
+            row = self._child(parent, name)
+        if row is None:
+            raise NoEntry(name)
+        return await self.getattr(row["ino"])
+
+    async def entries(self, parent: int, after: int, limit: int = 256) -> list[sqlite3.Row]:
+        """Up to ``limit`` entries of a directory with inode numbers above ``after``, metadata applied."""
+        dir_row = self.get(parent)
+        if not stat.S_ISDIR(dir_row["mode"]):
+            raise NotADirectoryError(parent)
+        if not dir_row["listed"]:
+            await self._wait_listed(dir_row, until=None)
+        rows = self.conn.execute(
+            "SELECT ino FROM inodes WHERE parent = ? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
+            (parent, after, ROOT_INODE, limit),
+        ).fetchall()
+        return [await self.getattr(r[0]) for r in rows]
+
+    async def readlink(self, ino: int) -> str:
+        row = await self.getattr(ino)
+        if not stat.S_ISLNK(row["mode"]):
+            raise OSError(22, "not a symbolic link")
+        if row["target"] is None:
+            body = await self.repo.get_object(row["key"], row["etag"])
+            target = body.decode("utf-8", "surrogateescape")
+            self.conn.execute("UPDATE inodes SET target = ?, size = ? WHERE ino = ?", (target, len(body), ino))
+            return target
+        return row["target"]
+
+    # ----------------------------------------------------------------------------------------- lookup counts
+
+    def remember(self, ino: int) -> None:
+        """The kernel learnt of ``ino`` once more (lookup, readdirplus entry)."""
+        self.lookup_counts[ino] = self.lookup_counts.get(ino, 0) + 1
+
+    def forget(self, ino: int, n: int) -> None:
+        left = self.lookup_counts.get(ino, 0) - n
+        if left > 0:
+            self.lookup_counts[ino] = left
+        else:
+            self.lookup_counts.pop(ino, None)
+
+    # ----------------------------------------------------------------------------------------- listing
+
+    async def _wait_listed(self, dir_row: sqlite3.Row, until: str | None) -> None:
+        """Wait until the directory is listed completely, or (``until`` given) past that key."""
+        ino = dir_row["ino"]
+        listing = self._listings.get(ino)
+        if listing is None:
+            listing = self._listings[ino] = _Listing()
+            assert self._nursery is not None, "Namespace.run() is not running"
+            self._nursery.start_soon(self._list_dir, ino, dir_row["key"], listing)
+        while not listing.done and (until is None or listing.progress < until):
+            await listing.changed.wait()
+        if listing.error is not None:
+            raise listing.error
+
+    async def _list_dir(self, ino: int, dir_key: str, listing: _Listing) -> None:
+        try:
+            spec = paths.listing_for(dir_key, self.import_prefix)
+            if spec is not None and spec.only_child is not None:
+                if await self.repo.any_key(spec.prefix):
+                    with self.conn:
+                        self._add_dir(ino, spec.only_child, dir_key + spec.only_child + "/")
+            elif spec is not None:
+                token = None
+                while True:
+                    page = await self.repo.list_page(spec.prefix, token)
+                    with self.conn:
+                        self._apply_page(ino, spec, page.prefixes, page.objects)
+                    keys = page.prefixes + [o.key for o in page.objects]
+                    listing.advance(max(keys) if keys else None)
+                    token = page.next_token
+                    if token is None:
+                        break
+            self.conn.execute("UPDATE inodes SET listed = 1 WHERE ino = ?", (ino,))
+        except RepositoryError as exc:
+            log.warning("listing of %r failed: %s", dir_key, exc)
+            listing.error = exc
+        except Exception as exc:
+            log.exception("listing of %r failed", dir_key)
+            listing.error = exc
+        finally:
+            listing.done = True
+            listing.advance()
+            del self._listings[ino]
+
+    def _apply_page(self, parent: int, spec: paths.Listing, prefixes: list[str], objects: list[ObjectInfo]) -> None:
+        """Insert one listing page (in the caller's transaction). Directories win over files of the same name."""
+        for prefix in prefixes:
+            name = spec.child_name(prefix)
+            if problem := paths.name_problem(name):
+                self._skip_not_posix(prefix, problem)
+                continue
+            existing = self._child(parent, name)
+            if existing is None:
+                self._add_dir(parent, name, prefix)
+            elif not stat.S_ISDIR(existing["mode"]):
+                self._type_mismatch(existing["key"])
+                self.conn.execute(
+                    "UPDATE inodes SET mode = ?, size = 0, key = ?, etag = NULL, meta_etag = NULL, target = NULL"
+                    " WHERE ino = ?",
+                    (stat.S_IFDIR | self.defaults.dir_mode, prefix, existing["ino"]),
+                )
+                self._queue_head(existing["ino"])
+        for obj in objects:
+            if obj.key.endswith("/"):
+                continue  # the directory's own marker object: its metadata is read by the parent's HEAD
+            name = spec.child_name(obj.key)
+            if problem := paths.name_problem(name):
+                self._skip_not_posix(obj.key, problem)
+                continue
+            existing = self._child(parent, name)
+            if existing is not None:
+                if stat.S_ISDIR(existing["mode"]):
+                    self._type_mismatch(obj.key)
+                continue
+            ino = self._insert(
+                parent,
+                name,
+                stat.S_IFREG | self.defaults.file_mode,
+                obj.key,
+                size=obj.size,
+                mtime_ns=obj.mtime_ns,
+                etag=obj.etag,
+                meta_etag=None if self.posix_metadata else obj.etag,
+            )
+            self._queue_head(ino)
+
+    def _add_dir(self, parent: int, name: str, key: str) -> None:
+        meta = None if self.posix_metadata else IMPLIED
+        self._queue_head(self._insert(parent, name, stat.S_IFDIR | self.defaults.dir_mode, key, meta_etag=meta))
+
+    def _skip_not_posix(self, key: str, problem: str) -> None:
+        self.events.emit(
+            "WARN",
+            "S3ObjectPathNotPosixCompliant",
+            f"Skipped S3 object with key {key} in S3 bucket {self.repo.bucket}: not a POSIX path ({problem}).",
+            key=key,
+        )
+
+    def _type_mismatch(self, key: str) -> None:
+        self.events.emit(
+            "WARN",
+            "S3ObjectTypeMismatch",
+            f"Failed to import S3 object with key {key} in S3 bucket {self.repo.bucket} because an S3 object"
+            " with the same name has already been imported into the file system.",
+            key=key,
+        )
+
+    # ----------------------------------------------------------------------------------------- metadata
+
+    def _queue_head(self, ino: int) -> None:
+        if self.posix_metadata:
+            self._head_send.send_nowait(ino)
+
+    async def _head_worker(self) -> None:
+        async for ino in self._head_recv:
+            with contextlib.suppress(RepositoryError, NoEntry):  # logged; a later getattr tries again
+                await self._ensure_meta(ino)
+
+    async def _ensure_meta(self, ino: int) -> None:
+        """Apply the POSIX metadata of ``ino`` (one HEAD, shared by concurrent callers)."""
+        head = self._heads.get(ino)
+        if head is not None:
+            await head.done.wait()
+            if head.error is not None:
+                raise head.error
+            return
+        row = self.get(ino)
+        if row["meta_etag"] is not None:
+            return
+        head = self._heads[ino] = _Head()
+        try:
+            try:
+                info = await self.repo.head(row["key"])
+            except NotFound:
+                info = None
+            except AccessDenied as exc:
+                self.events.emit("ERROR", "S3AccessDenied", str(exc), key=row["key"])
+                info = None
+            self._apply_meta(row, info)
+        except Exception as exc:
+            if not isinstance(exc, RepositoryError):
+                log.exception("metadata of %r", row["key"])
+            else:
+                log.warning("metadata of %r: %s", row["key"], exc)
+            head.error = exc
+            raise
+        finally:
+            del self._heads[ino]
+            head.done.set()
+
+    def _apply_meta(self, row: sqlite3.Row, info: ObjectInfo | None) -> None:
+        """Store the attributes from a HEAD (None: no object, e.g. an implied directory)."""
+        is_dir = stat.S_ISDIR(row["mode"])
+        if info is None:
+            # An implied directory, or a file deleted since it was listed: keep the listing's attributes.
+            self.conn.execute("UPDATE inodes SET meta_etag = ? WHERE ino = ?", (IMPLIED, row["ino"]))
+            return
+        pm = metadata.from_user_metadata(info.metadata or {})
+        mode = row["mode"]
+        if pm.mode is not None:
+            if is_dir:
+                kind = stat.S_IFDIR  # a key ending in '/' is a directory whatever the type bits say
+            elif stat.S_ISLNK(pm.mode):
+                kind = stat.S_IFLNK
+            else:
+                kind = stat.S_IFREG
+            mode = kind | (pm.mode & 0o7777)
+        mtime = pm.mtime_ns if pm.mtime_ns is not None else (row["mtime_ns"] if is_dir else info.mtime_ns)
+        self.conn.execute(
+            "UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
+            " meta_etag = ? WHERE ino = ?",
+            (
+                mode,
+                pm.uid if pm.uid is not None else row["uid"],
+                pm.gid if pm.gid is not None else row["gid"],
+                mtime,
+                pm.atime_ns if pm.atime_ns is not None else mtime,
+                0 if is_dir else info.size,
+                None if is_dir else info.etag,
+                info.etag,
+                row["ino"],
+            ),
+        )

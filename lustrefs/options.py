@@ -1,0 +1,131 @@
+"""Mount options (``-o a=b,c``): parsing, validation and the defaults taken from the file system record."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+MIB = 1024**2
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class OptionError(ValueError):
+    """A mount option that is unknown or has a bad value; the message names it."""
+
+
+@dataclass
+class MountOptions:
+    """What a mount was asked for. ``None`` means "take it from the file system record"."""
+
+    cache_dirs: list[str] = field(default_factory=list)  # cache targets; empty = <fs dir>/cache
+    cache_size_gib: float | None = None  # None = the file system's StorageCapacity
+    uid: int = 0  # owner of objects that carry no POSIX metadata (FSx: root)
+    gid: int = 0
+    file_mode: int = 0o755  # permission bits of files without metadata (FSx: 0755)
+    dir_mode: int = 0o755
+    allow_other: bool = False
+    ro: bool = False
+    endpoint_url: str | None = None  # None = the endpoint remembered at create time
+    log_level: str = "info"
+    posix_metadata: bool = True  # HEAD each object for x-amz-meta-file-* (off: listing attributes only)
+    attr_timeout: float = 60.0  # seconds the kernel may cache attributes and entries
+    part_size_mib: int = 1  # unit of fetching and of cache presence within a chunk
+    max_connections: int = 16  # S3 connection budget of the whole mount
+
+
+def _int(name: str, value: str, base: int = 10, low: int = 0, high: int = 2**32 - 1) -> int:
+    try:
+        n = int(value, base)
+    except ValueError:
+        raise OptionError(f"mount option {name}={value!r}: not a number") from None
+    if not low <= n <= high:
+        raise OptionError(f"mount option {name}={value!r}: must be between {low} and {high}")
+    return n
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise OptionError(f"mount option {name}={value!r}: not a number") from None
+    if f <= 0:
+        raise OptionError(f"mount option {name}={value!r}: must be positive")
+    return f
+
+
+def _bool(name: str, value: str) -> bool:
+    if value.lower() in ("on", "true", "yes", "1"):
+        return True
+    if value.lower() in ("off", "false", "no", "0"):
+        return False
+    raise OptionError(f"mount option {name}={value!r}: use on or off")
+
+
+def parse_options(text: str | None) -> MountOptions:
+    """Parse a comma-separated ``-o`` string. Raises OptionError naming the offending option."""
+    opts = MountOptions()
+    for item in filter(None, (text or "").split(",")):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if name in ("allow_other", "ro", "rw") and not sep:
+            if name == "rw":
+                opts.ro = False
+            else:
+                setattr(opts, name, True)
+            continue
+        if not sep:
+            raise OptionError(f"unknown mount option {name!r}")
+        if name == "cache_dir":
+            opts.cache_dirs = [d for d in value.split(":") if d]
+            if not opts.cache_dirs:
+                raise OptionError("mount option cache_dir: give at least one directory")
+        elif name == "cache_size":
+            opts.cache_size_gib = _float(name, value)
+        elif name in ("uid", "gid"):
+            setattr(opts, name, _int(name, value))
+        elif name in ("file_mode", "dir_mode"):
+            setattr(opts, name, _int(name, value, base=8, high=0o7777))
+        elif name == "endpoint_url":
+            opts.endpoint_url = value
+        elif name == "log_level":
+            if value.lower() not in LOG_LEVELS:
+                raise OptionError(f"mount option log_level={value!r}: one of {', '.join(LOG_LEVELS)}")
+            opts.log_level = value.lower()
+        elif name == "posix_metadata":
+            opts.posix_metadata = _bool(name, value)
+        elif name == "attr_timeout":
+            opts.attr_timeout = _float(name, value)
+        elif name == "part_size":
+            opts.part_size_mib = _int(name, value, low=1, high=64)
+        elif name == "max_connections":
+            opts.max_connections = _int(name, value, low=1, high=256)
+        else:
+            raise OptionError(f"unknown mount option {name!r}")
+    return opts
+
+
+def to_string(opts: MountOptions) -> str:
+    """The ``-o`` string that parses back to ``opts`` (used to hand options to the daemon process)."""
+    defaults = MountOptions()
+    out = []
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if f.name == "cache_dirs":
+            out.append("cache_dir=" + ":".join(value))
+        elif f.name == "cache_size_gib":
+            out.append(f"cache_size={value}")
+        elif f.name in ("allow_other", "ro"):
+            out.append(f.name)
+        elif f.name in ("file_mode", "dir_mode"):
+            out.append(f"{f.name}={value:o}")
+        elif f.name == "posix_metadata":
+            out.append(f"posix_metadata={'on' if value else 'off'}")
+        elif f.name == "part_size_mib":
+            out.append(f"part_size={value}")
+        else:
+            out.append(f"{f.name}={value}")
+    return ",".join(out)

@@ -1,0 +1,181 @@
+"""Asynchronous access to the data repository (the S3 bucket), for the trio thread.
+
+Every boto3 call runs in a worker thread under one ``CapacityLimiter`` sized to the client's connection
+pool (the mount's connection budget). Failures become ``RepositoryError`` subclasses that carry an errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import botocore.exceptions
+import trio
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RepositoryError(Exception):
+    """An S3 request failed; ``errno`` is what a FUSE request seeing it should return."""
+
+    errno = errno.EIO
+    code = "S3Error"
+
+
+class NotFound(RepositoryError):
+    errno = errno.ENOENT
+    code = "S3ObjectNotFound"
+
+
+class AccessDenied(RepositoryError):
+    errno = errno.EACCES
+    code = "S3AccessDenied"
+
+
+class VersionChanged(RepositoryError):
+    """The object no longer has the ETag a read was pinned to."""
+
+    errno = errno.ESTALE
+    code = "S3ObjectChanged"
+
+
+class Unavailable(RepositoryError):
+    """The endpoint could not be reached (after the client's bounded retries)."""
+
+    code = "S3EndpointUnavailable"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing or a HEAD reports it."""
+
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+    metadata: dict[str, str] | None = None  # user metadata (HEAD only)
+
+
+@dataclass
+class Page:
+    """One page of a delimiter listing."""
+
+    prefixes: list[str]
+    objects: list[ObjectInfo]
+    next_token: str | None
+
+
+def _translate(exc: Exception, what: str) -> RepositoryError:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        msg = f"{what}: {code or status} {err.get('Message', '')}".strip()
+        if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket") or status == 404:
+            return NotFound(msg)
+        if code in ("403", "AccessDenied", "KMS.AccessDeniedException") or status == 403:
+            return AccessDenied(msg)
+        if code in ("412", "PreconditionFailed") or status == 412:
+            return VersionChanged(msg)
+        return RepositoryError(msg)
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return Unavailable(f"{what}: {exc}")
+    return RepositoryError(f"{what}: {exc!r}")
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')
+
+
+class Repository:
+    """The bucket behind a mount; ``client`` is a boto3 S3 client (thread-safe, shared by the workers)."""
+
+    def __init__(self, client: Any, bucket: str, max_connections: int) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.limiter = trio.CapacityLimiter(max_connections)
+        self.requests = {"LIST": 0, "HEAD": 0, "GET": 0}
+
+    async def _call(self, what: str, kind: str, fn: Callable[[], T]) -> T:
+        self.requests[kind] += 1
+
+        def run() -> T:
+            try:
+                return fn()
+            except Exception as exc:
+                raise _translate(exc, what) from exc
+
+        return await trio.to_thread.run_sync(run, limiter=self.limiter)
+
+    async def list_page(self, prefix: str, token: str | None, max_keys: int = 1000) -> Page:
+        """One page of ``ListObjectsV2(Prefix=prefix, Delimiter='/')``."""
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": prefix,
+            "Delimiter": "/",
+            "MaxKeys": max_keys,
+        }
+        if token:
+            kwargs["ContinuationToken"] = token
+        resp = await self._call(
+            f"LIST s3://{self.bucket}/{prefix}", "LIST", lambda: self.client.list_objects_v2(**kwargs)
+        )
+        objects = [
+            ObjectInfo(o["Key"], o["Size"], _etag(o["ETag"]), int(o["LastModified"].timestamp() * 1e9))
+            for o in resp.get("Contents", [])
+        ]
+        prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", [])]
+        return Page(prefixes, objects, resp.get("NextContinuationToken") if resp.get("IsTruncated") else None)
+
+    async def any_key(self, prefix: str) -> bool:
+        """Whether at least one key starts with ``prefix``."""
+        resp = await self._call(
+            f"LIST s3://{self.bucket}/{prefix}",
+            "LIST",
+            lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
+        )
+        return bool(resp.get("KeyCount") or resp.get("Contents"))
+
+    async def head(self, key: str) -> ObjectInfo:
+        """``HeadObject``: size, ETag, Last-Modified and user metadata. Raises NotFound."""
+        resp = await self._call(
+            f"HEAD s3://{self.bucket}/{key}",
+            "HEAD",
+            lambda: self.client.head_object(Bucket=self.bucket, Key=key),
+        )
+        return ObjectInfo(
+            key,
+            resp["ContentLength"],
+            _etag(resp["ETag"]),
+            int(resp["LastModified"].timestamp() * 1e9),
+            resp.get("Metadata", {}),
+        )
+
+    async def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object version ``etag``. Raises VersionChanged if it is gone."""
+
+        def get() -> bytes:
+            resp = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"'
+            )
+            with resp["Body"] as body:
+                return body.read()
+
+        data = await self._call(f"GET s3://{self.bucket}/{key} [{start}, {end})", "GET", get)
+        if len(data) != end - start:
+            raise RepositoryError(f"GET s3://{self.bucket}/{key}: {len(data)} bytes, expected {end - start}")
+        return data
+
+    async def get_object(self, key: str, etag: str) -> bytes:
+        """The whole body of a small object (symlink targets)."""
+
+        def get() -> bytes:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
+            with resp["Body"] as body:
+                return body.read()
+
+        return await self._call(f"GET s3://{self.bucket}/{key}", "GET", get)

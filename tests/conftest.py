@@ -1,0 +1,68 @@
+"""Shared fixtures: an S3 endpoint on 127.0.0.1 (moto's threaded server), file systems, and FUSE mounts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import MotoEndpoint, Mounted, create_fs, fuse_available, mount_fs
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_fuse = fuse_available()
+    for item in items:
+        if no_fuse and "fuse" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=no_fuse))
+        if "slow" in item.keywords and not os.environ.get("LUSTREFS_SLOW"):
+            item.add_marker(pytest.mark.skip(reason="slow stress case: set LUSTREFS_SLOW=1"))
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoEndpoint]:
+    endpoint = MotoEndpoint()
+    endpoint.start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def s3(moto: MotoEndpoint) -> Any:
+    return moto.client()
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "home"
+    monkeypatch.setenv("LUSTREFS_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def mounter(moto: MotoEndpoint, home: Path, tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
+    """``mounter(import_path, chunk_mib=1, options="", capacity=1200)``: create a file system and mount it."""
+    made: list[Mounted] = []
+
+    def make(import_path: str, chunk_mib: int = 1, options: str = "", capacity: int = 1200, **conf: str) -> Mounted:
+        fs_id = create_fs(moto, import_path, chunk_mib, capacity, **conf)
+        res, m = mount_fs(fs_id, tmp_path / f"mnt{len(made)}", options)
+        assert m is not None, f"mount failed ({res.returncode}): {res.stderr}"
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.cleanup()
