@@ -358,3 +358,7 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
         )
 
     return _run(mount, MOUNT_EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

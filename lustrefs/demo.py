@@ -328,7 +328,6 @@ class Demo:
         assert self.s3 is not None and self.fs_id is not None
         mnt = shlex.quote(str(self.mountpoint))
         cli = shown(CLI)
-        py = shown([sys.executable])
         heading("6. Try it yourself, from another shell")
         lines = [
             f"export LUSTREFS_HOME={shlex.quote(str(self.home))}",
@@ -345,10 +344,6 @@ class Demo:
             f"stat {mnt}/{SAMPLE_POSIX_KEY}",
             f"{cli} describe-file-systems --file-system-ids {self.fs_id}",
             f"tail -f {shlex.quote(str(self.home / self.fs_id / 'events.jsonl'))}",
-            "# a new object in the bucket appears in the mount (AutoImportPolicy=NEW_CHANGED):",
-            f"{py} -c \"import boto3; boto3.client('s3').put_object(Bucket='{BUCKET}', "
-            f"Key='{IMPORT_PREFIX}new.txt', Body=b'hello\\n')\"",
-            f"ls -l {mnt}/{IMPORT_PREFIX}",
             f'curl -s "$AWS_ENDPOINT_URL/{BUCKET}?list-type=2"',
         ]
         say("\n".join(f"  {line}" for line in lines))
