@@ -13,6 +13,7 @@ deps: system-deps $(VENV)/.installed
 # System packages: FUSE 3 (fusermount3, /dev/fuse support) and what pyfuse3 needs to build from source.
 system-deps:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null \
+	    || ! command -v gcc >/dev/null || ! test -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
 	    || ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
 	  echo "Installing system packages: fuse3 libfuse3-dev pkg-config python3-venv"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import trio
 
-from .repository import Repository
+from . import db
+from .repository import Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Cache:
         capacity: int,
         chunk_size: int,
         part_size: int,
+        max_get: int = 8 * 1024 * 1024,
     ) -> None:
         if chunk_size % part_size:
             raise ValueError("the chunk size must be a multiple of the part size")
@@ -80,7 +82,9 @@ class Cache:
         self._touched: set[PartKey] = set()
         self._pins: collections.Counter[PartKey] = collections.Counter()
         self._fetches: dict[PartKey, _Fetch] = {}
+        self.max_get = max_get  # bytes one ranged GET may cover (several parts)
         self._disk = trio.CapacityLimiter(4)
+        self._nursery: trio.Nursery | None = None
 
     # ----------------------------------------------------------------------------------------- layout
 
@@ -133,9 +137,7 @@ class Cache:
             missing = [k for k in keys if k not in self._lru]
             self.stats.hits += len(keys) - len(missing)
             if missing:
-                async with trio.open_nursery() as nursery:
-                    for key in missing:
-                        nursery.start_soon(self._ensure, obj, key)
+                await self._ensure(obj, [k[2] for k in missing])
             out = bytearray()
             for key in keys:
                 start = key[2] * self.part_size
@@ -143,6 +145,27 @@ class Cache:
                 out += await self._read_part(obj, key, lo, hi)
                 self._touch(key)
         return bytes(out)
+
+    def prefetch(self, obj: ObjectVersion, off: int, end: int) -> None:
+        """Start fetching ``[off, end)`` of ``obj`` in the background (parts not present or in flight)."""
+        end = min(end, obj.size)
+        if off >= end or self._nursery is None:
+            return
+        for run in self._runs(obj, self._absent(obj, self._parts(obj, off, end))):
+            self._nursery.start_soon(self._prefetch_run, obj, run, self._register(obj, run))
+
+    async def _prefetch_run(self, obj: ObjectVersion, run: list[int], fetch: _Fetch) -> None:
+        try:
+            await self._fetch_run(obj, run, fetch)
+        except Exception as exc:  # the reader that needs the data fetches it again and reports the error
+            log.debug("prefetch of %s parts %s failed: %s", obj.key, run, exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host background prefetches until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     async def _read_part(self, obj: ObjectVersion, key: PartKey, lo: int, hi: int) -> bytes:
         try:
@@ -154,35 +177,73 @@ class Cache:
             pass
         log.warning("cache part %s was missing or short on disk; fetching it again", key)
         self._drop(key)
-        await self._ensure(obj, key)
+        await self._ensure(obj, [key[2]])
         with open(self.path_of(key), "rb") as f:
             return os.pread(f.fileno(), hi - lo, lo)
 
-    async def _ensure(self, obj: ObjectVersion, key: PartKey) -> None:
-        """Make ``key`` present, sharing one download among concurrent callers."""
-        if key in self._lru:
-            return
-        fetch = self._fetches.get(key)
-        if fetch is not None:
+    def _runs(self, obj: ObjectVersion, parts: list[int]) -> list[list[int]]:
+        """Group sorted part numbers into contiguous runs of at most ``max_get`` bytes (one GET each)."""
+        runs: list[list[int]] = []
+        per_get = max(self.max_get // self.part_size, 1)
+        for p in parts:
+            if runs and runs[-1][-1] == p - 1 and len(runs[-1]) < per_get:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        return runs
+
+    def _absent(self, obj: ObjectVersion, parts: range | list[int]) -> list[int]:
+        """The parts neither present nor being fetched."""
+        return [
+            p for p in parts if (obj.ino, obj.etag, p) not in self._lru and (obj.ino, obj.etag, p) not in self._fetches
+        ]
+
+    def _register(self, obj: ObjectVersion, run: list[int]) -> _Fetch:
+        """Mark ``run`` as being fetched, before any await, so no one else starts fetching it."""
+        fetch = _Fetch()
+        for p in run:
+            self._fetches[(obj.ino, obj.etag, p)] = fetch
+        return fetch
+
+    async def _ensure(self, obj: ObjectVersion, parts: list[int]) -> None:
+        """Make ``parts`` present: wait for those in flight, fetch the others in runs, concurrently."""
+        waits = {id(f): f for p in parts if (f := self._fetches.get((obj.ino, obj.etag, p))) is not None}
+        runs = [(run, self._register(obj, run)) for run in self._runs(obj, self._absent(obj, parts))]
+        try:
+            async with trio.open_nursery() as nursery:
+                for run, fetch in runs:
+                    nursery.start_soon(self._fetch_run, obj, run, fetch)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        for fetch in waits.values():
             await fetch.done.wait()
             if fetch.error is not None:
                 raise fetch.error
-            return
-        fetch = self._fetches[key] = _Fetch()
+
+    async def _fetch_run(self, obj: ObjectVersion, run: list[int], fetch: _Fetch) -> None:
+        """Fetch contiguous parts, registered as ``fetch``, with one ranged GET."""
+        keys = [(obj.ino, obj.etag, p) for p in run]
         try:
-            start = key[2] * self.part_size
-            end = min(start + self.part_size, obj.size)
+            start = run[0] * self.part_size
+            end = min((run[-1] + 1) * self.part_size, obj.size)
             data = await self.repo.get_range(obj.key, obj.etag, start, end)
-            self.stats.misses += 1
+            self.stats.misses += len(run)
             self.stats.bytes_fetched += len(data)
             self._make_room(len(data))
-            await trio.to_thread.run_sync(_write_atomically, self.path_of(key), data, limiter=self._disk)
-            self._add(key, len(data))
-        except Exception as exc:
-            fetch.error = exc
+            pieces = [
+                (self.path_of(k), data[i * self.part_size : (i + 1) * self.part_size]) for i, k in enumerate(keys)
+            ]
+            await trio.to_thread.run_sync(_write_parts, pieces, limiter=self._disk)
+            with db.transaction(self.conn):
+                for key, (_, piece) in zip(keys, pieces, strict=True):
+                    self._add(key, len(piece))
+        except BaseException as exc:
+            fetch.error = exc if isinstance(exc, Exception) else RepositoryError("fetch cancelled")
             raise
         finally:
-            del self._fetches[key]
+            for key in keys:
+                if self._fetches.get(key) is fetch:
+                    del self._fetches[key]
             fetch.done.set()
 
     # ----------------------------------------------------------------------------------------- bookkeeping
@@ -228,7 +289,7 @@ class Cache:
             if key not in self._pins:
                 victims.append(key)
                 excess -= part_size
-        with self.conn:
+        with db.transaction(self.conn):
             for key in victims:
                 self._drop(key)
         self.stats.evictions += len(victims)
@@ -239,7 +300,7 @@ class Cache:
             return
         order = {key: i for i, key in enumerate(self._lru)}
         base = self._clock
-        with self.conn:
+        with db.transaction(self.conn):
             self.conn.executemany(
                 "UPDATE cache_parts SET last_use = ? WHERE ino = ? AND etag = ? AND part = ?",
                 [(base + order[k] + 1, *k) for k in self._touched if k in order],
@@ -255,10 +316,19 @@ class Cache:
         return out
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename (a worker-thread function)."""
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first leaf of a nursery's exception group (callers map one error to one errno)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+def _write_parts(pieces: list[tuple[Path, bytes]]) -> None:
+    """Write each part via a temporary file and a rename, so a part file is whole or absent (worker thread)."""
+    for path, data in pieces:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)

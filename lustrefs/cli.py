@@ -29,8 +29,7 @@ MOUNT_EXIT_FAILURE = 32  # mount(8): mount failure
 
 # Shorthand values are strings; these members are coerced as the AWS CLI does from the service model.
 INTEGER_MEMBERS = frozenset(
-    ("ImportedFileChunkSize", "PerUnitStorageThroughput", "AutomaticBackupRetentionDays",
-     "ThroughputCapacity")
+    ("ImportedFileChunkSize", "PerUnitStorageThroughput", "AutomaticBackupRetentionDays", "ThroughputCapacity")
 )
 BOOLEAN_MEMBERS = frozenset(("CopyTagsToBackups", "EfaEnabled"))
 
@@ -312,9 +311,7 @@ def filter_mount_options(options: str | None) -> str | None:
     kept = [
         opt
         for opt in (o.strip() for o in (options or "").split(","))
-        if opt
-        and opt not in GENERIC_MOUNT_OPTIONS
-        and not opt.startswith(("comment=", "x-", "_"))
+        if opt and opt not in GENERIC_MOUNT_OPTIONS and not opt.startswith(("comment=", "x-", "_"))
     ]
     return ",".join(kept) or None
 

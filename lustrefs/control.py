@@ -47,9 +47,18 @@ MAX_PAGE = 50
 # accepted and echoed in the description as given (they have no effect on a local file system).
 REPOSITORY_MEMBERS = ("ImportPath", "ExportPath", "ImportedFileChunkSize", "AutoImportPolicy")
 ECHOED_LUSTRE_MEMBERS = (
-    "PerUnitStorageThroughput", "DailyAutomaticBackupStartTime", "AutomaticBackupRetentionDays",
-    "CopyTagsToBackups", "DriveCacheType", "DataCompressionType", "EfaEnabled", "LogConfiguration",
-    "RootSquashConfiguration", "MetadataConfiguration", "ThroughputCapacity", "DataReadCacheConfiguration",
+    "PerUnitStorageThroughput",
+    "DailyAutomaticBackupStartTime",
+    "AutomaticBackupRetentionDays",
+    "CopyTagsToBackups",
+    "DriveCacheType",
+    "DataCompressionType",
+    "EfaEnabled",
+    "LogConfiguration",
+    "RootSquashConfiguration",
+    "MetadataConfiguration",
+    "ThroughputCapacity",
+    "DataReadCacheConfiguration",
 )
 LUSTRE_MEMBERS = frozenset(
     ("WeeklyMaintenanceStartTime", "DeploymentType", *REPOSITORY_MEMBERS, *ECHOED_LUSTRE_MEMBERS)
@@ -198,8 +207,7 @@ def _archive_path(path: Any, member: str, invalid_code: str, direction: str) -> 
     if not isinstance(path, str) or not 3 <= len(path) <= 4357 or ARCHIVE_PATH_FORBIDDEN.search(path):
         raise FsxError(
             "BadRequest",
-            f"{member} must be 3 to 4357 characters long and contain no NUL, CR, LF, U+0085, U+2028 "
-            "or U+2029.",
+            f"{member} must be 3 to 4357 characters long and contain no NUL, CR, LF, U+0085, U+2028 or U+2029.",
             CREATE,
         )
     url = S3Url.parse(path)
@@ -223,8 +231,7 @@ def check_bucket_access(s3: Any, import_path: str) -> None:
         if e.response.get("Error", {}).get("Code") in S3_MISSING_CODES:
             raise FsxError(
                 "InvalidImportPath",
-                "The path provided for data repository import isn't valid: "
-                f"bucket '{url.bucket}' does not exist.",
+                f"The path provided for data repository import isn't valid: bucket '{url.bucket}' does not exist.",
                 CREATE,
             ) from None
         raise FsxError("BadRequest", S3_ACCESS_MESSAGE, CREATE) from None
@@ -232,9 +239,7 @@ def check_bucket_access(s3: Any, import_path: str) -> None:
         raise FsxError("BadRequest", S3_ACCESS_MESSAGE, CREATE) from None
 
 
-def _new_record(
-    request: dict[str, Any], conf: dict[str, Any], endpoint_url: str | None, region: str
-) -> dict[str, Any]:
+def _new_record(request: dict[str, Any], conf: dict[str, Any], endpoint_url: str | None, region: str) -> dict[str, Any]:
     """The record of a new file system from a validated request."""
     fs_id = _new_file_system_id()
     owner = _owner_id()
@@ -411,9 +416,7 @@ def delete_file_system(fs_id: str) -> dict[str, Any]:
 
 def _validate_weekly_time(value: Any, operation: str) -> str:
     if not isinstance(value, str) or len(value) != 7 or not WEEKLY_TIME.match(value):
-        raise FsxError(
-            "BadRequest", f"WeeklyMaintenanceStartTime {value!r} must be d:HH:MM (d = 1-7, UTC).", operation
-        )
+        raise FsxError("BadRequest", f"WeeklyMaintenanceStartTime {value!r} must be d:HH:MM (d = 1-7, UTC).", operation)
     return value
 
 

@@ -13,6 +13,7 @@ import faulthandler
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from .errors import FsxError
 from .events import EventLog
 from .fs import Operations
 from .namespace import Defaults, Namespace
+from .prefetch import Prefetcher
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -170,7 +172,9 @@ def _start_daemon(p: MountPlan) -> int:
         print(f"lustrefs mount: the daemon did not start; {_tail(logfile)}", file=sys.stderr)
         return MOUNT_FAILURE
     if not _answers(p.mountpoint):
-        print(f"lustrefs mount: {p.mountpoint} does not answer; see {logfile}", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", p.mountpoint], capture_output=True)
+        proc.terminate()
+        print(f"lustrefs mount: {p.mountpoint} did not answer, unmounted it; see {logfile}", file=sys.stderr)
         return MOUNT_FAILURE
     return 0
 
@@ -216,10 +220,26 @@ def find_daemon(mountpoint: str) -> dict[str, Any] | None:
     return None
 
 
+def is_lustrefs_mount(mountpoint: str) -> bool:
+    """Whether /proc/mounts lists ``mountpoint`` as a lustrefs FUSE mount (also when its daemon is gone)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "fuse.lustrefs" and _unescape(fields[1]) == target:
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
     """``lustrefs umount``: unmount and wait for the daemon to exit."""
     state = find_daemon(mountpoint)
-    if state is None and not os.path.ismount(mountpoint):
+    if state is None and not is_lustrefs_mount(mountpoint):
         print(f"lustrefs umount: {mountpoint} is not a lustrefs mount", file=sys.stderr)
         return 1
     res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
@@ -277,8 +297,10 @@ def _stderr_is(path: Path) -> bool:
 
 
 def _cache_targets(p: MountPlan, home: Path) -> list[Path]:
-    dirs = [Path(d) for d in p.opts.cache_dirs] or [home / "cache"]
-    return [records.private_dir(d) for d in dirs]
+    """The cache target directories; a target given by option gets a subdirectory per file system."""
+    if not p.opts.cache_dirs:
+        return [records.private_dir(home / "cache")]
+    return [records.private_dir(Path(d) / p.fs_id) for d in p.opts.cache_dirs]
 
 
 def serve(p: MountPlan, ready_fd: int | None) -> int:
@@ -307,7 +329,8 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     ns = Namespace(conn, repo, events, p.import_prefix, defaults, p.opts.posix_metadata, p.opts.max_connections)
     cache = Cache(conn, repo, targets, int(capacity_gib * options.GIB), chunk_size, part_size)
     cache.load()
-    ops = Operations(ns, cache, p.opts.attr_timeout)
+    prefetcher = Prefetcher(cache, p.opts.read_ahead_mib * options.MIB, small_file=part_size, files_ahead=16)
+    ops = Operations(ns, cache, prefetcher, p.opts.attr_timeout, p.opts.negative_timeout)
 
     fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs", "ro"}
     if p.opts.allow_other:
@@ -341,6 +364,7 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
 async def _main(ns: Namespace, cache: Cache, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(ns.run)
+        await nursery.start(cache.run)
         nursery.start_soon(_housekeeping, cache)
         nursery.start_soon(_signals)
         fuse_done = trio.Event()

@@ -5,7 +5,9 @@ Only the trio thread touches the connection (the one-owner rule); no worker thre
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -23,7 +25,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     size       INTEGER NOT NULL,                  -- st_size: object size (files), target length (symlinks)
     mtime_ns   INTEGER NOT NULL,                  -- st_mtime in ns: file-mtime metadata, else Last-Modified
     atime_ns   INTEGER NOT NULL,                  -- st_atime in ns: file-atime metadata, else mtime
-    ctime_ns   INTEGER NOT NULL,                  -- st_ctime in ns: when the row last changed locally
+    ctime_ns   INTEGER NOT NULL,                  -- st_ctime in ns: when the row was created or its attributes set
     key        TEXT NOT NULL,                     -- S3 key: the object's (files), the prefix ending in '/' (dirs)
     etag       TEXT,                              -- ETag seen when listed; reads are pinned to it (If-Match)
     meta_etag  TEXT,                              -- ETag whose POSIX metadata is applied; NULL = HEAD pending
@@ -58,10 +60,23 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
-    conn.execute(
-        "INSERT OR IGNORE INTO settings (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-    )
+    conn.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Run the block in one transaction (the connection is in autocommit mode otherwise); nests as a no-op."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def get_setting(conn: sqlite3.Connection, name: str) -> str | None:

@@ -16,11 +16,13 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+import cachetools
 import pyfuse3
 
 from . import stats
 from .cache import Cache, ObjectVersion
 from .namespace import ROOT_INODE, Namespace, NoEntry
+from .prefetch import Prefetcher, ReadAhead
 from .repository import RepositoryError
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,19 @@ def _name(raw: bytes) -> str:
 class Operations(pyfuse3.Operations):
     """pyfuse3 operations of a read-only lustrefs mount."""
 
-    def __init__(self, namespace: Namespace, cache: Cache, attr_timeout: float) -> None:
+    def __init__(
+        self, namespace: Namespace, cache: Cache, prefetcher: Prefetcher, attr_timeout: float, negative_timeout: float
+    ) -> None:
         super().__init__()
         self.ns = namespace
         self.cache = cache
+        self.prefetcher = prefetcher
         self.attr_timeout = attr_timeout
-        self._handles: dict[int, ObjectVersion] = {}
+        self.negative_timeout = negative_timeout
+        self._handles: dict[int, tuple[ObjectVersion, ReadAhead]] = {}
         self._next_fh = 1
-        self._page_cache_version: dict[int, str] = {}  # ino -> ETag whose pages the kernel may hold
+        # ino -> ETag whose pages the kernel may hold (bounded: a forgotten entry only costs a re-read)
+        self._page_cache_version: cachetools.LRUCache[int, str] = cachetools.LRUCache(maxsize=100_000)
 
     def _attrs(self, row: sqlite3.Row) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -93,7 +100,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        row = await self.ns.lookup(parent_inode, _name(name))
+        try:
+            row = await self.ns.lookup(parent_inode, _name(name))
+        except NoEntry:
+            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+            negative.entry_timeout = self.negative_timeout
+            return negative
         self.ns.remember(row["ino"])
         return self._attrs(row)
 
@@ -147,15 +159,21 @@ class Operations(pyfuse3.Operations):
         version = ObjectVersion(inode, row["key"], row["etag"], row["size"])
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = version
+        self._handles[fh] = (version, self.prefetcher.new_handle())
+        self.prefetcher.on_open(row["parent"], inode, lambda n: self._versions_after(row["parent"], inode, n))
         # Keep the kernel's pages only if they belong to the version being opened.
         keep = self._page_cache_version.get(inode) == version.etag
         self._page_cache_version[inode] = version.etag
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
+    def _versions_after(self, parent: int, ino: int, n: int) -> list[ObjectVersion]:
+        return [ObjectVersion(r["ino"], r["key"], r["etag"], r["size"]) for r in self.ns.files_after(parent, ino, n)]
+
     @fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.cache.read(self._handles[fh], off, size)
+        version, read_ahead = self._handles[fh]
+        self.prefetcher.on_read(read_ahead, version, off, size)
+        return await self.cache.read(version, off, size)
 
     @fuse_op
     async def release(self, fh: int) -> None:

@@ -30,7 +30,7 @@ def parse_mode(value: str | None) -> int | None:
 
 def parse_id(value: str | None) -> int | None:
     """``x-amz-meta-file-owner``/``-group``: a decimal uid or gid."""
-    if not value or not value.strip().isdigit():
+    if not value or not re.fullmatch(r"[0-9]{1,10}", value.strip()):
         return None
     n = int(value.strip())
     return n if n < 2**32 else None

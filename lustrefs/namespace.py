@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import metadata, paths
+from . import db, metadata, paths
+from .cache import first_error
 from .events import EventLog
 from .repository import AccessDenied, NotFound, ObjectInfo, Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-IMPLIED = ""  # meta_etag of a directory that has no marker object (nothing to HEAD)
+IMPLIED = ""
+_S_IFMT = (
+    0o170000  # the file type bits of st_mode  # meta_etag of a directory that has no marker object (nothing to HEAD)
+)
 
 
 class NoEntry(Exception):
@@ -80,6 +84,7 @@ class Namespace:
         defaults: Defaults,
         posix_metadata: bool = True,
         head_workers: int = 16,
+        background_listings: int = 8,
     ) -> None:
         self.conn = conn
         self.conn.row_factory = sqlite3.Row
@@ -94,6 +99,7 @@ class Namespace:
         self._heads: dict[int, _Head] = {}
         self._head_send, self._head_recv = trio.open_memory_channel[int](math.inf)
         self._nursery: trio.Nursery | None = None
+        self._background_listings = trio.CapacityLimiter(background_listings)
         self._ensure_root()
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -176,17 +182,39 @@ class Namespace:
         return row
 
     async def lookup(self, parent: int, name: str) -> sqlite3.Row:
-        """The entry ``name`` of directory ``parent``; loads the listing as far as needed. Raises NoEntry."""
+        """The entry ``name`` of directory ``parent``; loads only what it needs from S3. Raises NoEntry."""
         dir_row = self.get(parent)
         if not stat.S_ISDIR(dir_row["mode"]):
             raise NotADirectoryError(parent)
         row = self._child(parent, name)
-        if row is None and not dir_row["listed"]:
+        if dir_row["ino"] in self._listings:
+            # A later page may still turn a file of this name into a directory: wait until it is past.
             await self._wait_listed(dir_row, until=dir_row["key"] + name + "/")
+            row = self._child(parent, name)
+        elif row is None and not dir_row["listed"]:
+            await self._lookup_unlisted(dir_row, name)
             row = self._child(parent, name)
         if row is None:
             raise NoEntry(name)
         return await self.getattr(row["ino"])
+
+    async def _lookup_unlisted(self, dir_row: sqlite3.Row, name: str) -> None:
+        """Resolve one name of a directory not listed yet with one LIST, not a listing of the whole directory."""
+        spec = paths.listing_for(dir_row["key"], self.import_prefix)
+        key = dir_row["key"] + name
+        if spec is None or spec.only_child is not None or not key.startswith(spec.prefix):
+            await self._wait_listed(dir_row, until=None)
+            return
+        page = await self.repo.list_page(key, None, max_keys=100)
+        if key + "/" in page.prefixes:
+            found: tuple[list[str], list[ObjectInfo]] = ([key + "/"], [])  # a directory wins over a file
+        elif page.next_token is None or max(page.prefixes + [o.key for o in page.objects]) > key + "/":
+            found = ([], [o for o in page.objects if o.key == key])
+        else:  # the page ended before the place of "name/": fall back to the directory listing
+            await self._wait_listed(dir_row, until=key + "/")
+            return
+        with db.transaction(self.conn):
+            self._apply_page(dir_row["ino"], spec, *found)
 
     async def entries(self, parent: int, after: int, limit: int = 256) -> list[sqlite3.Row]:
         """Up to ``limit`` entries of a directory with inode numbers above ``after``, metadata applied."""
@@ -195,11 +223,30 @@ class Namespace:
             raise NotADirectoryError(parent)
         if not dir_row["listed"]:
             await self._wait_listed(dir_row, until=None)
+        if after == 0:
+            self._list_subdirs_ahead(parent)
         rows = self.conn.execute(
-            "SELECT ino FROM inodes WHERE parent = ? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
+            "SELECT * FROM inodes WHERE parent = ? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
             (parent, after, ROOT_INODE, limit),
         ).fetchall()
-        return [await self.getattr(r[0]) for r in rows]
+        pending = [r["ino"] for r in rows if r["meta_etag"] is None]
+        if pending:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for ino in pending:
+                        nursery.start_soon(self._ensure_meta, ino)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+            rows = [self.get(r["ino"]) for r in rows]
+        return rows
+
+    def files_after(self, parent: int, ino: int, limit: int) -> list[sqlite3.Row]:
+        """The next ``limit`` regular files of a directory after ``ino``, in listing order."""
+        return self.conn.execute(
+            "SELECT ino, key, etag, size FROM inodes WHERE parent = ? AND ino > ? AND (mode & ?) = ?"
+            " ORDER BY ino LIMIT ?",
+            (parent, ino, _S_IFMT, stat.S_IFREG, limit),
+        ).fetchall()
 
     async def readlink(self, ino: int) -> str:
         row = await self.getattr(ino)
@@ -240,18 +287,37 @@ class Namespace:
         if listing.error is not None:
             raise listing.error
 
+    def _list_subdirs_ahead(self, parent: int) -> None:
+        """A directory is being read: list its subdirectories in the background (a walk will want them)."""
+        assert self._nursery is not None
+        for row in self.conn.execute(
+            "SELECT ino FROM inodes WHERE parent = ? AND listed = 0 AND (mode & ?) = ? AND ino != ?",
+            (parent, _S_IFMT, stat.S_IFDIR, ROOT_INODE),
+        ):
+            self._nursery.start_soon(self._list_in_background, row[0])
+
+    async def _list_in_background(self, ino: int) -> None:
+        async with self._background_listings:
+            row = self.get(ino)
+            if row["listed"] or ino in self._listings:
+                return
+            with contextlib.suppress(Exception):  # logged by _list_dir; a foreground request retries
+                await self._wait_listed(row, until=None)
+
     async def _list_dir(self, ino: int, dir_key: str, listing: _Listing) -> None:
         try:
             spec = paths.listing_for(dir_key, self.import_prefix)
             if spec is not None and spec.only_child is not None:
-                if await self.repo.any_key(spec.prefix):
-                    with self.conn:
+                if problem := paths.name_problem(spec.only_child):
+                    self._skip_not_posix(dir_key + spec.only_child + "/", problem)
+                elif await self.repo.any_key(spec.prefix):
+                    with db.transaction(self.conn):
                         self._add_dir(ino, spec.only_child, dir_key + spec.only_child + "/")
             elif spec is not None:
                 token = None
                 while True:
                     page = await self.repo.list_page(spec.prefix, token)
-                    with self.conn:
+                    with db.transaction(self.conn):
                         self._apply_page(ino, spec, page.prefixes, page.objects)
                     keys = page.prefixes + [o.key for o in page.objects]
                     listing.advance(max(keys) if keys else None)
@@ -283,9 +349,15 @@ class Namespace:
             elif not stat.S_ISDIR(existing["mode"]):
                 self._type_mismatch(existing["key"])
                 self.conn.execute(
-                    "UPDATE inodes SET mode = ?, size = 0, key = ?, etag = NULL, meta_etag = NULL, target = NULL"
-                    " WHERE ino = ?",
-                    (stat.S_IFDIR | self.defaults.dir_mode, prefix, existing["ino"]),
+                    "UPDATE inodes SET mode = ?, size = 0, key = ?, etag = NULL, meta_etag = ?, target = NULL,"
+                    " ctime_ns = ? WHERE ino = ?",
+                    (
+                        stat.S_IFDIR | self.defaults.dir_mode,
+                        prefix,
+                        None if self.posix_metadata else IMPLIED,
+                        time.time_ns(),
+                        existing["ino"],
+                    ),
                 )
                 self._queue_head(existing["ino"])
         for obj in objects:
@@ -341,7 +413,7 @@ class Namespace:
 
     async def _head_worker(self) -> None:
         async for ino in self._head_recv:
-            with contextlib.suppress(RepositoryError, NoEntry):  # logged; a later getattr tries again
+            with contextlib.suppress(Exception):  # logged by _ensure_meta; a later getattr tries again
                 await self._ensure_meta(ino)
 
     async def _ensure_meta(self, ino: int) -> None:
@@ -396,7 +468,7 @@ class Namespace:
         mtime = pm.mtime_ns if pm.mtime_ns is not None else (row["mtime_ns"] if is_dir else info.mtime_ns)
         self.conn.execute(
             "UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
-            " meta_etag = ? WHERE ino = ?",
+            " meta_etag = ?, ctime_ns = ? WHERE ino = ?",
             (
                 mode,
                 pm.uid if pm.uid is not None else row["uid"],
@@ -406,6 +478,7 @@ class Namespace:
                 0 if is_dir else info.size,
                 None if is_dir else info.etag,
                 info.etag,
+                time.time_ns(),
                 row["ino"],
             ),
         )

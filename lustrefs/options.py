@@ -31,6 +31,8 @@ class MountOptions:
     log_level: str = "info"
     posix_metadata: bool = True  # HEAD each object for x-amz-meta-file-* (off: listing attributes only)
     attr_timeout: float = 60.0  # seconds the kernel may cache attributes and entries
+    negative_timeout: float = 5.0  # seconds the kernel may cache the absence of a name
+    read_ahead_mib: int = 64  # largest read-ahead window of a sequential reader
     part_size_mib: int = 1  # unit of fetching and of cache presence within a chunk
     max_connections: int = 16  # S3 connection budget of the whole mount
 
@@ -95,8 +97,10 @@ def parse_options(text: str | None) -> MountOptions:
             opts.log_level = value.lower()
         elif name == "posix_metadata":
             opts.posix_metadata = _bool(name, value)
-        elif name == "attr_timeout":
-            opts.attr_timeout = _float(name, value)
+        elif name in ("attr_timeout", "negative_timeout"):
+            setattr(opts, name, _float(name, value))
+        elif name == "read_ahead":
+            opts.read_ahead_mib = _int(name, value, low=1, high=1024)
         elif name == "part_size":
             opts.part_size_mib = _int(name, value, low=1, high=64)
         elif name == "max_connections":
@@ -124,8 +128,8 @@ def to_string(opts: MountOptions) -> str:
             out.append(f"{f.name}={value:o}")
         elif f.name == "posix_metadata":
             out.append(f"posix_metadata={'on' if value else 'off'}")
-        elif f.name == "part_size_mib":
-            out.append(f"part_size={value}")
+        elif f.name in ("part_size_mib", "read_ahead_mib"):
+            out.append(f"{f.name.removesuffix('_mib')}={value}")
         else:
             out.append(f"{f.name}={value}")
     return ",".join(out)

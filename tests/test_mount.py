@@ -142,13 +142,16 @@ def test_multi_chunk_file_on_striped_targets(s3: Any, bucket: str, mounter: Any,
     s3.put_object(Bucket=bucket, Key="f.bin", Body=data)
     targets = [tmp_path / f"target{i}" for i in range(3)]
     m = mounter(f"s3://{bucket}", chunk_mib=1, options="cache_dir=" + ":".join(map(str, targets)))
-    # Random reads first: only the parts touched are fetched.
-    with open(m.path / "f.bin", "rb") as f:
-        f.seek(3 * MIB + 10)
-        assert f.read(4096) == data[3 * MIB + 10 : 3 * MIB + 10 + 4096]
-    assert m.stats()["requests"]["GET"] == 1
+    # A random read fetches only the part it touches: no read-ahead before a reader proves sequential.
+    fd = os.open(m.path / "f.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead either
+        assert os.pread(fd, 4096, 3 * MIB + 10) == data[3 * MIB + 10 : 3 * MIB + 10 + 4096]
+    finally:
+        os.close(fd)
+    assert m.stats()["requests"]["GET"] == 1 and m.stats()["cache"]["bytes_fetched"] == MIB
     assert file_sha(m.path / "f.bin") == sha(data)
-    assert m.stats()["requests"]["GET"] == 6  # 6 parts of 1 MiB, each fetched once
+    assert m.stats()["cache"]["bytes_fetched"] == len(data)  # every part fetched exactly once
     # Chunk N is stored on target N mod 3.
     for i, target in enumerate(targets):
         parts = sorted(int(p.name.rsplit(".", 1)[1]) for p in target.rglob("*") if p.is_file())
@@ -157,8 +160,9 @@ def test_multi_chunk_file_on_striped_targets(s3: Any, bucket: str, mounter: Any,
     # Data evicted from the page cache comes from the disk cache, with no S3 request.
     with open(m.path / "f.bin", "rb") as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    gets = m.stats()["requests"]["GET"]
     assert file_sha(m.path / "f.bin") == sha(data)
-    assert m.stats()["requests"]["GET"] == 6
+    assert m.stats()["requests"]["GET"] == gets
 
 
 def test_concurrent_readers_share_downloads(s3: Any, bucket: str, mounter: Any) -> None:
@@ -178,7 +182,7 @@ def test_concurrent_readers_share_downloads(s3: Any, bucket: str, mounter: Any) 
     for t in threads:
         t.join(timeout=120)
     assert results == [sha(data)] * 8
-    assert m.stats()["requests"]["GET"] == 4  # each 1 MiB part downloaded once
+    assert m.stats()["cache"]["bytes_fetched"] == len(data)  # each part downloaded once
 
 
 def test_eviction_under_a_small_cache(s3: Any, bucket: str, mounter: Any) -> None:
@@ -206,7 +210,7 @@ def test_cache_survives_remount(moto: MotoEndpoint, s3: Any, bucket: str, home: 
         assert m is not None, res.stderr
         try:
             assert file_sha(m.path / "keep.bin") == sha(data)
-            assert m.stats()["requests"]["GET"] == (3 if round_ == 0 else 0)
+            assert m.stats()["cache"]["bytes_fetched"] == (len(data) if round_ == 0 else 0)
             m.unmount()
         finally:
             m.cleanup()
@@ -252,3 +256,39 @@ def test_mounted_twice_is_refused(s3: Any, bucket: str, mounter: Any, tmp_path: 
     res, other = mount_fs(m.fs_id, tmp_path / "second", "")
     assert other is None and "already mounted" in res.stderr
     wait_for(lambda: os.path.ismount(m.path), 5, "the first mount")
+
+
+def test_reads_are_pinned_to_the_listed_version(s3: Any, bucket: str, mounter: Any) -> None:
+    old, new = blob(2 * MIB, seed=4), blob(2 * MIB, seed=5)
+    s3.put_object(Bucket=bucket, Key="v.bin", Body=old)
+    m = mounter(f"s3://{bucket}")
+    fd = os.open(m.path / "v.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(fd, 4096, MIB + 1) == old[MIB + 1 : MIB + 1 + 4096]  # a random read: no read-ahead
+        s3.put_object(Bucket=bucket, Key="v.bin", Body=new)  # overwritten behind the mount
+        with pytest.raises(OSError) as exc:
+            os.pread(fd, 4096, 0)  # an uncached part of the old version: never mixed with the new one
+        assert exc.value.errno == errno.ESTALE
+        assert os.pread(fd, 8192, MIB) == old[MIB : MIB + 8192]  # the cached part is still served
+    finally:
+        os.close(fd)
+    assert m.stats()["cache"]["bytes_fetched"] == MIB
+
+
+def test_junk_metadata_values_fall_back_to_defaults(moto: MotoEndpoint, s3: Any, bucket: str, mounter: Any) -> None:
+    junk = {"file-permissions": "rwxr-xr-x", "file-owner": "-1", "file-group": "99999999999", "file-mtime": "soon"}
+    s3.put_object(Bucket=bucket, Key="junk.txt", Body=b"j", Metadata=junk)
+    key = moto.backend.get_object(bucket, "junk.txt")
+    key.set_metadata({"x-amz-meta-file-owner": "\u00b2"})  # a digit to str.isdigit(), not to int()
+    s3.put_object(Bucket=bucket, Key="ok.txt", Body=b"ok", Metadata=meta("0100600", 5, 6))
+    m = mounter(f"s3://{bucket}")
+    st = os.stat(m.path / "junk.txt")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+    assert (os.stat(m.path / "ok.txt").st_uid, (m.path / "ok.txt").read_bytes()) == (5, b"ok")
+
+
+def test_umount_refuses_other_mounts(tmp_path: Path, home: Path) -> None:
+    res = subprocess.run([LUSTREFS, "umount", "/proc"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "not a lustrefs mount" in res.stderr
+    assert os.path.ismount("/proc")
