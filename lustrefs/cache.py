@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -38,6 +39,24 @@ class ObjectVersion:
     key: str
     etag: str
     size: int
+
+
+LOCAL = ""  # the "ETag" of local data: parts written here, authoritative while the file is dirty
+
+
+@dataclass(frozen=True)
+class FileData:
+    """What reads and writes of one file work on: local parts over the file's clean data in S3.
+
+    Byte ``i`` of the file is, in order of precedence: the local part holding it (``local``), the source object
+    when ``i < source.size`` (``source.size`` is the number of valid bytes, less than the object after a
+    truncate), else zero.
+    """
+
+    ino: int
+    size: int
+    source: ObjectVersion | None
+    local: bool
 
 
 @dataclass
@@ -115,24 +134,48 @@ class Cache:
                         path.unlink(missing_ok=True)  # orphan or temporary file from a crash
         for path, key in indexed.items():
             try:
-                ok = path.stat().st_size == self._lru[key]
+                size = path.stat().st_size
             except FileNotFoundError:
-                ok = False
-            if not ok:
+                size = None
+            if key[1] == LOCAL and size is not None:
+                if size != self._lru[key]:  # writes after the last commit: the file on disk is the data
+                    self._resize(key, size)
+            elif size != self._lru[key]:
                 self._drop(key)
         self.used = sum(self._lru.values())
 
     # ----------------------------------------------------------------------------------------- reading
 
-    def _parts(self, obj: ObjectVersion, off: int, end: int) -> range:
+    def _parts_of(self, off: int, end: int) -> range:
         return range(off // self.part_size, (end - 1) // self.part_size + 1)
 
-    async def read(self, obj: ObjectVersion, off: int, length: int) -> bytes:
-        """``length`` bytes of ``obj`` at ``off`` (fewer at end of file), fetching missing parts."""
+    async def read(self, f: FileData, off: int, length: int) -> bytes:
+        """``length`` bytes of file ``f`` at ``off`` (fewer at end of file), fetching missing source parts."""
+        end = min(off + length, f.size)
+        if off >= end:
+            return b""
+        out = bytearray()
+        pos = off
+        for p in self._parts_of(off, end):
+            start = p * self.part_size
+            hi = min(end, start + self.part_size)
+            if f.local and (f.ino, LOCAL, p) in self._lru:
+                out += await self._read_local(f.ino, p, pos - start, hi - start)
+            elif f.source is not None and pos < f.source.size:
+                src_hi = min(hi, f.source.size)
+                out += await self.read_source(f.source, pos, src_hi - pos)
+                out += bytes(hi - src_hi)
+            else:
+                out += bytes(hi - pos)
+            pos = hi
+        return bytes(out)
+
+    async def read_source(self, obj: ObjectVersion, off: int, length: int) -> bytes:
+        """``length`` bytes of the object version ``obj`` at ``off``, fetching missing parts."""
         end = min(off + length, obj.size)
         if off >= end:
             return b""
-        keys = [(obj.ino, obj.etag, p) for p in self._parts(obj, off, end)]
+        keys = [(obj.ino, obj.etag, p) for p in self._parts_of(off, end)]
         with self._pinned(keys):
             missing = [k for k in keys if k not in self._lru]
             self.stats.hits += len(keys) - len(missing)
@@ -151,7 +194,7 @@ class Cache:
         end = min(end, obj.size)
         if off >= end or self._nursery is None:
             return
-        for run in self._runs(obj, self._absent(obj, self._parts(obj, off, end))):
+        for run in self._runs(obj, self._absent(obj, self._parts_of(off, end))):
             self._nursery.start_soon(self._prefetch_run, obj, run, self._register(obj, run))
 
     async def _prefetch_run(self, obj: ObjectVersion, run: list[int], fetch: _Fetch) -> None:
@@ -246,6 +289,101 @@ class Cache:
                     del self._fetches[key]
             fetch.done.set()
 
+    # ----------------------------------------------------------------------------------------- local data
+
+    async def _read_local(self, ino: int, part: int, lo: int, hi: int) -> bytes:
+        with open(self.path_of((ino, LOCAL, part)), "rb") as f:
+            data = os.pread(f.fileno(), hi - lo, lo)
+        return data + bytes(hi - lo - len(data))  # a local part shorter than the range reads as zeros after
+
+    async def write(self, f: FileData, off: int, data: bytes) -> None:
+        """Write ``data`` at ``off`` into local parts, copying only the touched parts' clean data first.
+
+        Raises ``OSError(ENOSPC)`` when dirty data leaves no room. The kernel serialises writes to one inode.
+        """
+        end = off + len(data)
+        for p in self._parts_of(off, end):
+            key = (f.ino, LOCAL, p)
+            start = p * self.part_size
+            if key not in self._lru:
+                await self._materialize(f, p)
+            lo, hi = max(off, start) - start, min(end, start + self.part_size) - start
+            growth = max(0, hi - self._lru[key])
+            if growth:
+                self._reserve(growth)
+            fd = os.open(self.path_of(key), os.O_WRONLY)
+            try:
+                os.pwrite(fd, data[start + lo - off : start + hi - off], lo)
+            finally:
+                os.close(fd)
+            if growth:
+                self._resize(key, hi)
+
+    async def _materialize(self, f: FileData, part: int) -> None:
+        """Create the local part ``part`` from the file's current content (source bytes, or nothing)."""
+        start = part * self.part_size
+        base = b""
+        if f.source is not None and start < min(f.source.size, f.size):
+            base = await self.read_source(f.source, start, min(self.part_size, f.source.size - start, f.size - start))
+        self._reserve(len(base))
+        key = (f.ino, LOCAL, part)
+        await trio.to_thread.run_sync(_write_parts, [(self.path_of(key), base)], limiter=self._disk)
+        self._add(key, len(base))
+
+    def _reserve(self, size: int) -> None:
+        """Make room for ``size`` more bytes by evicting clean data; ENOSPC if dirty data fills the cache."""
+        self._make_room(size)
+        if self.used + size > self.capacity:
+            raise OSError(errno.ENOSPC, "the cache is full of data not yet exported")
+
+    def _resize(self, key: PartKey, size: int) -> None:
+        self.used += size - self._lru[key]
+        self._lru[key] = size
+        self.conn.execute("UPDATE cache_parts SET size = ? WHERE ino = ? AND etag = ? AND part = ?", (size, *key))
+
+    def truncate(self, f: FileData, size: int) -> None:
+        """Cut the local parts of ``f`` to ``size`` bytes (clean data is clipped by the caller's src_limit)."""
+        with db.transaction(self.conn):
+            for key in [k for k in self._lru if k[0] == f.ino and k[1] == LOCAL and k[2] * self.part_size >= size]:
+                self._drop(key)
+            key = (f.ino, LOCAL, size // self.part_size)
+            within = size % self.part_size
+            if key in self._lru and self._lru[key] > within:
+                os.truncate(self.path_of(key), within)
+                self._resize(key, within)
+
+    async def sync(self, ino: int) -> None:
+        """fsync the local parts of ``ino`` (in a worker thread)."""
+        paths = [self.path_of(k) for k in self._lru if k[0] == ino and k[1] == LOCAL]
+        await trio.to_thread.run_sync(_fsync_all, paths, limiter=self._disk)
+
+    def adopt(self, ino: int, old: ObjectVersion | None, new: ObjectVersion) -> None:
+        """After an export: whole local parts, and old clean parts still valid, become clean parts of ``new``."""
+        with db.transaction(self.conn):
+            for key in [k for k in self._lru if k[0] == ino and k[1] in (LOCAL, old.etag if old else LOCAL)]:
+                p = key[2]
+                whole = min(self.part_size, new.size - p * self.part_size)
+                valid = key[1] == LOCAL or (old is not None and (p + 1) * self.part_size <= old.size)
+                target = (ino, new.etag, p)
+                if valid and whole > 0 and self._lru[key] == whole and target not in self._lru:
+                    os.replace(self.path_of(key), self.path_of(target))
+                    self.conn.execute(
+                        "UPDATE cache_parts SET etag = ? WHERE ino = ? AND etag = ? AND part = ?", (new.etag, *key)
+                    )
+                    self._lru[target] = self._lru.pop(key)
+                    self._touched.discard(key)
+                else:
+                    self._drop(key)
+
+    def drop_inode(self, ino: int) -> None:
+        """Forget every part of ``ino`` (the file is gone)."""
+        with db.transaction(self.conn):
+            for key in [k for k in self._lru if k[0] == ino]:
+                self._drop(key)
+
+    def local_bytes(self) -> int:
+        return sum(size for (_, etag, _), size in self._lru.items() if etag == LOCAL)
+
     # ----------------------------------------------------------------------------------------- bookkeeping
 
     @contextlib.contextmanager
@@ -286,7 +424,7 @@ class Cache:
         for key, part_size in self._lru.items():
             if excess <= 0:
                 break
-            if key not in self._pins:
+            if key not in self._pins and key[1] != LOCAL:
                 victims.append(key)
                 excess -= part_size
         with db.transaction(self.conn):
@@ -322,6 +460,22 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     return leaf
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if paths:
+        for parent in {p.parent for p in paths}:
+            fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _write_parts(pieces: list[tuple[Path, bytes]]) -> None:

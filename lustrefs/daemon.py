@@ -34,6 +34,7 @@ from .fs import Operations
 from .namespace import Defaults, Namespace
 from .prefetch import Prefetcher
 from .repository import Repository
+from .writeback import EVENTS, ExportTarget, Writeback
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,17 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
             print(f"lustrefs umount: daemon {state['pid']} still running after {timeout:.0f}s", file=sys.stderr)
             return 1
         time.sleep(0.05)
+    report = records.home_dir() / state["fs_id"] / "unexported.json"
+    if report.exists():
+        left = json.loads(report.read_text())
+        print(
+            f"lustrefs umount: {len(left)} entries could not be exported; they stay dirty in the cache and are"
+            " exported at the next mount:",
+            file=sys.stderr,
+        )
+        for item in left:
+            print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -319,20 +331,50 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     events = EventLog(home / "events.jsonl", p.fs_id)
     targets = _cache_targets(p, home)
     layout = json.dumps({"targets": [str(t) for t in targets], "part": part_size, "chunk": chunk_size})
-    if db.get_setting(conn, "cache_layout") not in (None, layout):
+    old_layout = db.get_setting(conn, "cache_layout")
+    if old_layout not in (None, layout):
+        dirty = conn.execute("SELECT count(DISTINCT ino) FROM cache_parts WHERE etag = ''").fetchone()[0]
+        if dirty:
+            log.error(
+                "the cache layout changed (cache_dir or part_size) while %d files have data not yet exported;"
+                " mount with the previous options (%s) to export it first",
+                dirty,
+                old_layout,
+            )
+            return MOUNT_FAILURE
         log.info("cache layout changed; starting with an empty cache index")
         conn.execute("DELETE FROM cache_parts")
     db.set_setting(conn, "cache_layout", layout)
 
-    repo = Repository(p.client(max_pool_connections=p.opts.max_connections), p.bucket, p.opts.max_connections)
+    repo = Repository(
+        p.client(max_pool_connections=p.opts.max_connections), p.bucket, p.opts.max_connections, p.opts.sse_kms_key_id
+    )
     defaults = Defaults(p.opts.uid, p.opts.gid, p.opts.file_mode, p.opts.dir_mode)
-    ns = Namespace(conn, repo, events, p.import_prefix, defaults, p.opts.posix_metadata, p.opts.max_connections)
+    export_url = s3client.S3Url.parse(repo_conf.get("ExportPath") or repo_conf["ImportPath"])
+    target = ExportTarget.of(p.import_prefix, export_url.prefix if export_url else p.import_prefix)
+    ns = Namespace(
+        conn,
+        repo,
+        events,
+        p.import_prefix,
+        defaults,
+        p.opts.posix_metadata,
+        p.opts.max_connections,
+        export_is_import=target.base == "",
+    )
     cache = Cache(conn, repo, targets, int(capacity_gib * options.GIB), chunk_size, part_size)
     cache.load()
+    policy = frozenset((repo_conf.get("AutoExportPolicy") or {}).get("Events", EVENTS))
+    writeback = Writeback(ns, cache, repo, events, target, policy, p.opts.export_delay)
+    ns.on_purge = cache.drop_inode
+    ns.on_change = writeback.schedule
+    ns.purge_orphans()
     prefetcher = Prefetcher(cache, p.opts.read_ahead_mib * options.MIB, small_file=part_size, files_ahead=16)
-    ops = Operations(ns, cache, prefetcher, p.opts.attr_timeout, p.opts.negative_timeout)
+    ops = Operations(ns, cache, prefetcher, writeback, p.opts.attr_timeout, p.opts.negative_timeout)
 
-    fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs", "ro"}
+    fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs"}
+    if p.opts.ro:
+        fuse_opts.add("ro")
     if p.opts.allow_other:
         fuse_opts.add("allow_other")
     try:
@@ -343,17 +385,23 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     state_file = home / "mount.json"
     state_file.write_text(json.dumps({"pid": os.getpid(), "mountpoint": p.mountpoint}))
     log.info("mounted %s (s3://%s/%s) at %s", p.fs_id, p.bucket, p.import_prefix, p.mountpoint)
-    clean = False
+    report = home / "unexported.json"
+    report.unlink(missing_ok=True)
+    closed = [False]
     try:
-        trio.run(_main, ns, cache, ready_fd)
-        clean = True
+        left = trio.run(_main, ns, cache, writeback, ready_fd, p.opts.export_timeout, closed)
+        if left:
+            report.write_text(json.dumps([{"path": path, "reason": why} for path, why in left], indent=1))
+            for path, why in left:
+                log.error("not exported (kept in the cache for the next mount): %s: %s", path, why)
     except BaseException:
         log.exception("the file system failed")
         raise
     finally:
         with contextlib.suppress(Exception):
             cache.flush()
-        pyfuse3.close(unmount=clean)
+        if not closed[0]:
+            pyfuse3.close(unmount=False)
         state_file.unlink(missing_ok=True)
         conn.close()
         events.close()
@@ -361,10 +409,14 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     return 0
 
 
-async def _main(ns: Namespace, cache: Cache, ready_fd: int | None) -> None:
+async def _main(
+    ns: Namespace, cache: Cache, writeback: Writeback, ready_fd: int | None, export_timeout: float, closed: list[bool]
+) -> list[tuple[str, str]]:
+    """Serve until unmounted; then export what is dirty. Returns what could not be exported."""
     async with trio.open_nursery() as nursery:
         await nursery.start(ns.run)
         await nursery.start(cache.run)
+        await nursery.start(writeback.run)
         nursery.start_soon(_housekeeping, cache)
         nursery.start_soon(_signals)
         fuse_done = trio.Event()
@@ -381,7 +433,12 @@ async def _main(ns: Namespace, cache: Cache, ready_fd: int | None) -> None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
         await fuse_done.wait()
+        pyfuse3.close(unmount=True)  # no process waits on a mount that is no longer served
+        closed[0] = True
+        log.info("unmounted; exporting %d dirty entries", writeback.queue_length())
+        left = await writeback.flush(export_timeout)
         nursery.cancel_scope.cancel()
+    return left
 
 
 async def _housekeeping(cache: Cache) -> None:

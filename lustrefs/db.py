@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 -- One row per file, directory or symlink the mount knows. Rows are created lazily, when their parent
@@ -22,25 +22,39 @@ CREATE TABLE IF NOT EXISTS inodes (
     mode       INTEGER NOT NULL,                  -- st_mode: type bits and permission bits
     uid        INTEGER NOT NULL,                  -- st_uid
     gid        INTEGER NOT NULL,                  -- st_gid
-    size       INTEGER NOT NULL,                  -- st_size: object size (files), target length (symlinks)
+    size       INTEGER NOT NULL,                  -- st_size: file size with local writes; symlinks: target length
     mtime_ns   INTEGER NOT NULL,                  -- st_mtime in ns: file-mtime metadata, else Last-Modified
     atime_ns   INTEGER NOT NULL,                  -- st_atime in ns: file-atime metadata, else mtime
     ctime_ns   INTEGER NOT NULL,                  -- st_ctime in ns: when the row was created or its attributes set
-    key        TEXT NOT NULL,                     -- S3 key: the object's (files), the prefix ending in '/' (dirs)
-    etag       TEXT,                              -- ETag seen when listed; reads are pinned to it (If-Match)
+    key        TEXT NOT NULL,                     -- S3 key of the file's clean data ('' if none), or the prefix ending
+                                                  -- in '/' that lists a directory
+    etag       TEXT,                              -- ETag of that object; GETs pinned to it (If-Match); NULL: none
+    src_limit  INTEGER NOT NULL DEFAULT 0,        -- bytes of that object that are the file's data (less after truncate)
     meta_etag  TEXT,                              -- ETag whose POSIX metadata is applied; NULL = HEAD pending
     listed     INTEGER NOT NULL DEFAULT 0,        -- directories: 1 once every entry has been loaded from S3
     target     TEXT,                              -- symlinks: the target, once read from the object body
+    dirty      INTEGER NOT NULL DEFAULT 0,        -- export needed: 1 data (local parts are authoritative), 2 metadata
+    data_gen   INTEGER NOT NULL DEFAULT 0,        -- bumped by each local change; export clears dirty if unchanged
+    exported_key TEXT,                            -- key where the entry was last exported (or imported, when the export
+                                                  -- prefix is the import prefix); NULL: not in the export prefix
     UNIQUE (parent, name)
 );
+CREATE INDEX IF NOT EXISTS inodes_dirty ON inodes (dirty) WHERE dirty != 0;
 
--- One row per part of object data present in the local cache. A part is `part_size` bytes of one object
--- version at offset part * part_size; its file lives on cache target (offset // chunk_size) % targets.
+-- Keys to delete from the export prefix (unlinked or renamed entries), durable until done.
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    key        TEXT PRIMARY KEY,                  -- S3 key to delete
+    since_ns   INTEGER NOT NULL                   -- when the deletion was recorded
+);
+
+-- One row per part of file data present in the local cache. A part is `part_size` bytes at offset
+-- part * part_size, of one object version (clean, evictable) or of the local data of a dirty file (etag '':
+-- never evicted); its file lives on cache target (offset // chunk_size) % targets.
 CREATE TABLE IF NOT EXISTS cache_parts (
     ino        INTEGER NOT NULL,                  -- inode of the file the data belongs to
-    etag       TEXT NOT NULL,                     -- object version (ETag) the data was fetched at
+    etag       TEXT NOT NULL,                     -- object version (ETag) the data was fetched at; '' = local data
     part       INTEGER NOT NULL,                  -- part index within the object
-    size       INTEGER NOT NULL,                  -- bytes in the part file (the last part may be short)
+    size       INTEGER NOT NULL,                  -- bytes in the part file (a short local part reads as zeros after)
     last_use   INTEGER NOT NULL,                  -- LRU clock value of the last read (evict lowest first)
     PRIMARY KEY (ino, etag, part)
 );
@@ -77,6 +91,17 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def durable(conn: sqlite3.Connection) -> Iterator[None]:
+    """A transaction whose commit is on disk when the block ends (fsync of the WAL), for fsync(2)."""
+    conn.execute("PRAGMA synchronous=FULL")
+    try:
+        with transaction(conn):
+            yield
+    finally:
+        conn.execute("PRAGMA synchronous=NORMAL")
 
 
 def get_setting(conn: sqlite3.Connection, name: str) -> str | None:

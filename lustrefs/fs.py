@@ -13,17 +13,20 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import cachetools
 import pyfuse3
 
-from . import stats
-from .cache import Cache, ObjectVersion
-from .namespace import ROOT_INODE, Namespace, NoEntry
+from . import db, stats
+from .cache import Cache, FileData, ObjectVersion
+from .namespace import DATA, ROOT_INODE, Namespace, NoEntry
 from .prefetch import Prefetcher, ReadAhead
 from .repository import RepositoryError
+from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except NotADirectoryError:
             raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except IsADirectoryError:
+            raise pyfuse3.FUSEError(errno.EISDIR) from None
+        except FileExistsError:
+            raise pyfuse3.FUSEError(errno.EEXIST) from None
         except RepositoryError as exc:
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
@@ -62,22 +69,44 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+def _owner(ctx: Any) -> tuple[int, int]:
+    return ctx.uid, ctx.gid
+
+
+@dataclass
+class _Handle:
+    """An open file: the inode, its read-ahead state, and whether it was opened for writing."""
+
+    ino: int
+    read_ahead: ReadAhead
+    writable: bool
+
+
 class Operations(pyfuse3.Operations):
     """pyfuse3 operations of a read-only lustrefs mount."""
 
     def __init__(
-        self, namespace: Namespace, cache: Cache, prefetcher: Prefetcher, attr_timeout: float, negative_timeout: float
+        self,
+        namespace: Namespace,
+        cache: Cache,
+        prefetcher: Prefetcher,
+        writeback: Writeback,
+        attr_timeout: float,
+        negative_timeout: float,
     ) -> None:
         super().__init__()
         self.ns = namespace
         self.cache = cache
         self.prefetcher = prefetcher
+        self.writeback = writeback
         self.attr_timeout = attr_timeout
         self.negative_timeout = negative_timeout
-        self._handles: dict[int, tuple[ObjectVersion, ReadAhead]] = {}
+        self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         # ino -> ETag whose pages the kernel may hold (bounded: a forgotten entry only costs a re-read)
-        self._page_cache_version: cachetools.LRUCache[int, str] = cachetools.LRUCache(maxsize=100_000)
+        self._page_cache_version: cachetools.LRUCache[int, tuple[str | None, int]] = cachetools.LRUCache(
+            maxsize=100_000
+        )
 
     def _attrs(self, row: sqlite3.Row) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -149,35 +178,163 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         return os.fsencode(await self.ns.readlink(inode))
 
+    def _new_handle(self, ino: int, writable: bool) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(ino, self.prefetcher.new_handle(), writable)
+        self.ns.opened(ino)
+        if writable:
+            self.writeback.opened_for_write(ino)
+        return fh
+
     @fuse_op
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EROFS)
         row = await self.ns.getattr(inode)
         if stat.S_ISDIR(row["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        version = ObjectVersion(inode, row["key"], row["etag"], row["size"])
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = (version, self.prefetcher.new_handle())
-        self.prefetcher.on_open(row["parent"], inode, lambda n: self._versions_after(row["parent"], inode, n))
-        # Keep the kernel's pages only if they belong to the version being opened.
-        keep = self._page_cache_version.get(inode) == version.etag
-        self._page_cache_version[inode] = version.etag
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        fh = self._new_handle(inode, writable)
+        if not writable and not row["dirty"] & DATA:
+            self.prefetcher.on_open(row["parent"], inode, lambda n: self._versions_after(row["parent"], inode, n))
+        # Keep the kernel's pages only if they belong to the content being opened.
+        version = (row["etag"], row["data_gen"] if row["dirty"] & DATA else 0)
+        keep = self._page_cache_version.get(inode) == version
+        self._page_cache_version[inode] = version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
+    @fuse_op
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        row = await self.ns.create(parent_inode, _name(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
+        self.ns.remember(row["ino"])
+        fh = self._new_handle(row["ino"], True)
+        self._page_cache_version[row["ino"]] = (row["etag"], row["data_gen"])
+        return pyfuse3.FileInfo(fh=fh), self._attrs(row)
+
     def _versions_after(self, parent: int, ino: int, n: int) -> list[ObjectVersion]:
-        return [ObjectVersion(r["ino"], r["key"], r["etag"], r["size"]) for r in self.ns.files_after(parent, ino, n)]
+        return [
+            ObjectVersion(r["ino"], r["key"], r["etag"], r["src_limit"])
+            for r in self.ns.files_after(parent, ino, n)
+            if r["etag"] and not r["dirty"] & DATA
+        ]
+
+    def _data(self, ino: int) -> FileData:
+        row = self.ns.get(ino)
+        source = ObjectVersion(ino, row["key"], row["etag"], row["src_limit"]) if row["etag"] else None
+        return FileData(ino, row["size"], source, bool(row["dirty"] & DATA))
 
     @fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        version, read_ahead = self._handles[fh]
-        self.prefetcher.on_read(read_ahead, version, off, size)
-        return await self.cache.read(version, off, size)
+        handle = self._handles[fh]
+        data = self._data(handle.ino)
+        if data.source is not None and not data.local:
+            self.prefetcher.on_read(handle.read_ahead, data.source, off, size)
+        return await self.cache.read(data, off, size)
+
+    @fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        ino = self._handles[fh].ino
+        await self.cache.write(self._data(ino), off, buf)
+        self.ns.wrote(ino, off + len(buf))
+        return len(buf)
+
+    @fuse_op
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._sync(self._handles[fh].ino)
+
+    @fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._sync(fh)
+
+    async def _sync(self, ino: int) -> None:
+        """The data and the state records of ``ino`` on local disk."""
+        await self.cache.sync(ino)
+        with db.durable(self.ns.conn):
+            self.ns.conn.execute("UPDATE inodes SET size = size WHERE ino = ?", (ino,))
 
     @fuse_op
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh)
+        if handle.writable:
+            self.writeback.closed_for_write(handle.ino)
+        self.ns.closed(handle.ino)
+
+    @fuse_op
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            row = self.ns.get(inode)
+            if not stat.S_ISREG(row["mode"]):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            self.cache.truncate(self._data(inode), attr.st_size)
+            changes["size"] = attr.st_size
+            changes["mtime_ns"] = changes.get("mtime_ns", time.time_ns())
+        if not changes:
+            return self._attrs(await self.ns.getattr(inode))
+        return self._attrs(self.ns.setattr(inode, changes))
+
+    @fuse_op
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        row = await self.ns.create(parent_inode, _name(name), stat.S_IFDIR | (mode & ~ctx.umask & 0o7777), _owner(ctx))
+        self.ns.remember(row["ino"])
+        return self._attrs(row)
+
+    @fuse_op
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        row = await self.ns.create(parent_inode, _name(name), stat.S_IFLNK | 0o777, _owner(ctx), _name(target))
+        self.ns.remember(row["ino"])
+        return self._attrs(row)
+
+    @fuse_op
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs and sockets cannot be exported to S3
+        row = await self.ns.create(parent_inode, _name(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
+        self.ns.remember(row["ino"])
+        return self._attrs(row)
+
+    @fuse_op
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)  # hard links are not supported
+
+    @fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.ns.unlink(parent_inode, _name(name), want_dir=False)
+
+    @fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.ns.unlink(parent_inode, _name(name), want_dir=True)
+
+    @fuse_op
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
+    ) -> None:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE is not supported
+        await self.ns.rename(
+            parent_inode_old,
+            _name(name_old),
+            parent_inode_new,
+            _name(name_new),
+            noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+        )
 
     @fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:

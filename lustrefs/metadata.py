@@ -58,3 +58,15 @@ def from_user_metadata(meta: dict[str, str]) -> PosixMeta:
         mtime_ns=parse_time(m.get("file-mtime")),
         atime_ns=parse_time(m.get("file-atime")),
     )
+
+
+def to_user_metadata(mode: int, uid: int, gid: int, mtime_ns: int, atime_ns: int) -> dict[str, str]:
+    """The ``x-amz-meta-*`` headers FSx writes on export (boto3 ``Metadata`` form)."""
+    return {
+        "file-permissions": f"0{mode:o}",
+        "file-owner": str(uid),
+        "file-group": str(gid),
+        "file-mtime": f"{mtime_ns}ns",
+        "file-atime": f"{atime_ns}ns",
+        "user-agent": "lustrefs",
+    }

@@ -11,11 +11,14 @@ HEADed once. All state lives in SQLite; the in-memory maps hold only work in pro
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
+import os
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -28,6 +31,8 @@ from .repository import AccessDenied, NotFound, ObjectInfo, Repository, Reposito
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
+DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
 IMPLIED = ""
 _S_IFMT = (
     0o170000  # the file type bits of st_mode  # meta_etag of a directory that has no marker object (nothing to HEAD)
@@ -85,6 +90,7 @@ class Namespace:
         posix_metadata: bool = True,
         head_workers: int = 16,
         background_listings: int = 8,
+        export_is_import: bool = False,
     ) -> None:
         self.conn = conn
         self.conn.row_factory = sqlite3.Row
@@ -94,6 +100,10 @@ class Namespace:
         self.defaults = defaults
         self.posix_metadata = posix_metadata
         self.head_workers = head_workers
+        self.export_is_import = export_is_import  # imported keys are export keys (objects replaced on export)
+        self.open_counts: dict[int, int] = {}
+        self.on_purge: Callable[[int], None] = lambda ino: None  # drops the data of a deleted inode
+        self.on_change: Callable[[int, int], None] = lambda ino, delay: None  # an entry needs exporting
         self.lookup_counts: dict[int, int] = {}
         self._listings: dict[int, _Listing] = {}
         self._heads: dict[int, _Head] = {}
@@ -120,27 +130,34 @@ class Namespace:
         etag: str | None = None,
         meta_etag: str | None = None,
         ino: int | None = None,
+        owner: tuple[int, int] | None = None,
+        dirty: int = 0,
     ) -> int:
-        """Insert an inode with the mount's default owner; returns its number."""
+        """Insert an inode (owner: the mount's default unless given); returns its number."""
         now = time.time_ns()
         mtime = now if mtime_ns is None else mtime_ns
+        uid, gid = owner or (self.defaults.uid, self.defaults.gid)
+        exported = key if (etag is not None or key.endswith("/")) and self.export_is_import else None
         cur = self.conn.execute(
             "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
-            " meta_etag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " src_limit, meta_etag, dirty, exported_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 ino,
                 parent,
                 name,
                 mode,
-                self.defaults.uid,
-                self.defaults.gid,
+                uid,
+                gid,
                 size,
                 mtime,
                 mtime,
                 now,
                 key,
                 etag,
+                size if etag is not None else 0,
                 meta_etag,
+                dirty,
+                exported,
             ),
         )
         assert cur.lastrowid is not None
@@ -243,7 +260,7 @@ class Namespace:
     def files_after(self, parent: int, ino: int, limit: int) -> list[sqlite3.Row]:
         """The next ``limit`` regular files of a directory after ``ino``, in listing order."""
         return self.conn.execute(
-            "SELECT ino, key, etag, size FROM inodes WHERE parent = ? AND ino > ? AND (mode & ?) = ?"
+            "SELECT ino, key, etag, src_limit, dirty FROM inodes WHERE parent = ? AND ino > ? AND (mode & ?) = ?"
             " ORDER BY ino LIMIT ?",
             (parent, ino, _S_IFMT, stat.S_IFREG, limit),
         ).fetchall()
@@ -271,6 +288,32 @@ class Namespace:
             self.lookup_counts[ino] = left
         else:
             self.lookup_counts.pop(ino, None)
+            self._purge_if_unused(ino)
+
+    def opened(self, ino: int) -> None:
+        self.open_counts[ino] = self.open_counts.get(ino, 0) + 1
+
+    def closed(self, ino: int) -> None:
+        left = self.open_counts.get(ino, 0) - 1
+        if left > 0:
+            self.open_counts[ino] = left
+        else:
+            self.open_counts.pop(ino, None)
+            self._purge_if_unused(ino)
+
+    def _purge_if_unused(self, ino: int) -> None:
+        """Delete an unlinked inode once the kernel forgot it and no file handle uses it."""
+        if ino in self.lookup_counts or ino in self.open_counts:
+            return
+        row = self.conn.execute("SELECT parent FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is not None and row[0] == ORPHAN:
+            self.conn.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+            self.on_purge(ino)
+
+    def purge_orphans(self) -> None:
+        """At start-up: inodes unlinked while open in a previous run are gone for good."""
+        for (ino,) in self.conn.execute("SELECT ino FROM inodes WHERE parent = ?", (ORPHAN,)).fetchall():
+            self._purge_if_unused(ino)
 
     # ----------------------------------------------------------------------------------------- listing
 
@@ -468,7 +511,7 @@ class Namespace:
         mtime = pm.mtime_ns if pm.mtime_ns is not None else (row["mtime_ns"] if is_dir else info.mtime_ns)
         self.conn.execute(
             "UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
-            " meta_etag = ?, ctime_ns = ? WHERE ino = ?",
+            " meta_etag = ?, ctime_ns = ?, src_limit = size WHERE ino = ?",
             (
                 mode,
                 pm.uid if pm.uid is not None else row["uid"],
@@ -482,3 +525,181 @@ class Namespace:
                 row["ino"],
             ),
         )
+
+    # ----------------------------------------------------------------------------------------- local changes
+
+    async def _writable_dir(self, parent: int) -> sqlite3.Row:
+        """A directory about to change: it must be listed completely first, or S3 could bring names back."""
+        row = self.get(parent)
+        if not stat.S_ISDIR(row["mode"]):
+            raise NotADirectoryError(parent)
+        if not row["listed"]:
+            await self._wait_listed(row, until=None)
+        return self.get(parent)
+
+    def _touch_dir(self, ino: int) -> None:
+        now = time.time_ns()
+        self.conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, ino))
+
+    def mark_dirty(self, ino: int, flags: int, delay: float = 0.0) -> None:
+        """Record that ``ino`` needs exporting (in the caller's transaction) and tell the exporter."""
+        self.conn.execute(
+            "UPDATE inodes SET dirty = dirty | ?, data_gen = data_gen + 1, ctime_ns = ? WHERE ino = ?",
+            (flags, time.time_ns(), ino),
+        )
+        self.on_change(ino, delay)
+
+    async def create(
+        self, parent: int, name: str, mode: int, owner: tuple[int, int], target: str | None = None
+    ) -> sqlite3.Row:
+        """A new file, directory or symlink (``target``); owned by ``owner``, setgid directories honoured."""
+        if problem := paths.name_problem(name):
+            raise OSError(errno.EINVAL, problem)
+        dir_row = await self._writable_dir(parent)
+        if self._child(parent, name) is not None:
+            raise FileExistsError(name)
+        uid, gid = owner
+        if dir_row["mode"] & stat.S_ISGID:
+            gid = dir_row["gid"]
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        with db.transaction(self.conn):
+            ino = self._insert(
+                parent,
+                name,
+                mode,
+                "",
+                size=len(os.fsencode(target)) if target is not None else 0,
+                meta_etag=IMPLIED,
+                owner=(uid, gid),
+            )
+            if stat.S_ISDIR(mode):
+                self.conn.execute("UPDATE inodes SET listed = 1 WHERE ino = ?", (ino,))
+            if target is not None:
+                self.conn.execute("UPDATE inodes SET target = ? WHERE ino = ?", (target, ino))
+            self.mark_dirty(ino, META | (DATA if stat.S_ISREG(mode) else 0))
+            self._touch_dir(parent)
+        return self.get(ino)
+
+    async def unlink(self, parent: int, name: str, want_dir: bool) -> None:
+        """Remove a name (``rmdir`` with ``want_dir``); its object is deleted from the export prefix."""
+        await self._writable_dir(parent)
+        row = self._child(parent, name)
+        if row is None:
+            raise NoEntry(name)
+        is_dir = stat.S_ISDIR(row["mode"])
+        if want_dir and not is_dir:
+            raise NotADirectoryError(name)
+        if not want_dir and is_dir:
+            raise IsADirectoryError(name)
+        if is_dir:
+            await self._writable_dir(row["ino"])
+            if self.conn.execute("SELECT 1 FROM inodes WHERE parent = ? LIMIT 1", (row["ino"],)).fetchone():
+                raise OSError(errno.ENOTEMPTY, name)
+        with db.transaction(self.conn):
+            self._orphan(row)
+            self._touch_dir(parent)
+        self._purge_if_unused(row["ino"])
+
+    def _orphan(self, row: sqlite3.Row) -> None:
+        """Detach an inode from the tree; its exported object is queued for deletion."""
+        if row["exported_key"]:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)",
+                (row["exported_key"], time.time_ns()),
+            )
+            self.on_change(0, 0)
+        self.conn.execute(
+            "UPDATE inodes SET parent = ?, name = ?, dirty = 0, exported_key = NULL WHERE ino = ?",
+            (ORPHAN, f"#{row['ino']}", row["ino"]),
+        )
+
+    async def rename(self, parent: int, name: str, new_parent: int, new_name: str, noreplace: bool) -> None:
+        """Move an entry; a directory's whole subtree is loaded first, and every entry in it re-exported."""
+        if problem := paths.name_problem(new_name):
+            raise OSError(errno.EINVAL, problem)
+        await self._writable_dir(parent)
+        await self._writable_dir(new_parent)
+        row = self._child(parent, name)
+        if row is None:
+            raise NoEntry(name)
+        dest = self._child(new_parent, new_name)
+        if dest is not None and dest["ino"] == row["ino"]:
+            return
+        if dest is not None:
+            if noreplace:
+                raise FileExistsError(new_name)
+            if stat.S_ISDIR(row["mode"]) and not stat.S_ISDIR(dest["mode"]):
+                raise NotADirectoryError(new_name)
+            if not stat.S_ISDIR(row["mode"]) and stat.S_ISDIR(dest["mode"]):
+                raise IsADirectoryError(new_name)
+            if stat.S_ISDIR(dest["mode"]):
+                await self._writable_dir(dest["ino"])
+                if self.conn.execute("SELECT 1 FROM inodes WHERE parent = ? LIMIT 1", (dest["ino"],)).fetchone():
+                    raise OSError(errno.ENOTEMPTY, new_name)
+        moved = [row["ino"]]
+        if stat.S_ISDIR(row["mode"]):
+            moved = await self.load_subtree(row["ino"])
+        with db.transaction(self.conn):
+            if dest is not None:
+                self._orphan(dest)
+            self.conn.execute(
+                "UPDATE inodes SET parent = ?, name = ? WHERE ino = ?", (new_parent, new_name, row["ino"])
+            )
+            for ino in moved:
+                self.mark_dirty(ino, META)
+            self._touch_dir(parent)
+            self._touch_dir(new_parent)
+        if dest is not None:
+            self._purge_if_unused(dest["ino"])
+
+    async def load_subtree(self, ino: int) -> list[int]:
+        """List every directory below ``ino`` from S3 (as needed); returns the subtree's inodes, ``ino`` first."""
+        out, todo = [], [ino]
+        while todo:
+            current = todo.pop()
+            out.append(current)
+            row = self.get(current)
+            if stat.S_ISDIR(row["mode"]):
+                if not row["listed"]:
+                    await self._wait_listed(row, until=None)
+                todo += [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE parent = ?", (current,))]
+        return out
+
+    def setattr(self, ino: int, changes: dict[str, int]) -> sqlite3.Row:
+        """Change mode, uid, gid, size, atime_ns or mtime_ns (size: the caller has cut the local data)."""
+        row = self.get(ino)
+        if "mode" in changes:
+            changes["mode"] = stat.S_IFMT(row["mode"]) | stat.S_IMODE(changes["mode"])
+        flags = META
+        if "size" in changes:
+            flags |= DATA
+            changes["src_limit"] = min(row["src_limit"], changes["size"])
+        with db.transaction(self.conn):
+            sets = ", ".join(f"{column} = ?" for column in changes)
+            self.conn.execute(f"UPDATE inodes SET {sets} WHERE ino = ?", (*changes.values(), ino))
+            self.mark_dirty(ino, flags)
+        return self.get(ino)
+
+    def wrote(self, ino: int, end: int) -> None:
+        """Data was written up to ``end``: size, mtime and dirty state (exported after close)."""
+        now = time.time_ns()
+        row = self.conn.execute("SELECT dirty FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is not None and not row[0] & DATA:
+            with db.transaction(self.conn):
+                self.mark_dirty(ino, DATA, delay=math.inf)
+        self.conn.execute(
+            "UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, data_gen = data_gen + 1 WHERE ino = ?",
+            (end, now, now, ino),
+        )
+
+    def path_key(self, ino: int) -> str:
+        """The path of ``ino`` relative to the root, as an S3 key would spell it (``a/b/c``)."""
+        names = []
+        while ino != ROOT_INODE:
+            row = self.get(ino)
+            if row["parent"] == ORPHAN:
+                raise NoEntry(ino)
+            names.append(row["name"])
+            ino = row["parent"]
+        return "/".join(reversed(names))

@@ -35,6 +35,9 @@ class MountOptions:
     read_ahead_mib: int = 64  # largest read-ahead window of a sequential reader
     part_size_mib: int = 1  # unit of fetching and of cache presence within a chunk
     max_connections: int = 16  # S3 connection budget of the whole mount
+    export_delay: float = 3.0  # seconds a written file must be closed and idle before it is exported
+    export_timeout: float = 60.0  # seconds an unmount waits for dirty data to be exported
+    sse_kms_key_id: str | None = None  # export with SSE-KMS and this key (default: the bucket's encryption)
 
 
 def _int(name: str, value: str, base: int = 10, low: int = 0, high: int = 2**32 - 1) -> int:
@@ -97,8 +100,12 @@ def parse_options(text: str | None) -> MountOptions:
             opts.log_level = value.lower()
         elif name == "posix_metadata":
             opts.posix_metadata = _bool(name, value)
-        elif name in ("attr_timeout", "negative_timeout"):
+        elif name in ("attr_timeout", "negative_timeout", "export_timeout"):
             setattr(opts, name, _float(name, value))
+        elif name == "export_delay":
+            opts.export_delay = _float(name, value) if value not in ("0", "0.0") else 0.0
+        elif name == "sse_kms_key_id":
+            opts.sse_kms_key_id = value
         elif name == "read_ahead":
             opts.read_ahead_mib = _int(name, value, low=1, high=1024)
         elif name == "part_size":

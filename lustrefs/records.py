@@ -89,9 +89,11 @@ def mount_state(fs_id: str) -> dict[str, Any] | None:
     path = home_dir() / fs_id / "mount.json"
     try:
         state = json.loads(path.read_text())
-        os.kill(int(state["pid"]), 0)
-    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError):
+        proc = Path(f"/proc/{int(state['pid'])}")
+        stat_fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = (proc / "cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, IndexError):
         return None
-    except PermissionError:
-        pass  # the process exists but belongs to another user
+    if stat_fields[0] == "Z" or fs_id.encode() not in cmdline:  # exited (unreaped), or the PID was reused
+        return None
     return state

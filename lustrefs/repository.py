@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -94,11 +94,13 @@ def _etag(raw: str) -> str:
 class Repository:
     """The bucket behind a mount; ``client`` is a boto3 S3 client (thread-safe, shared by the workers)."""
 
-    def __init__(self, client: Any, bucket: str, max_connections: int) -> None:
+    def __init__(self, client: Any, bucket: str, max_connections: int, kms_key_id: str | None = None) -> None:
         self.client = client
         self.bucket = bucket
+        self.kms_key_id = kms_key_id
         self.limiter = trio.CapacityLimiter(max_connections)
-        self.requests = {"LIST": 0, "HEAD": 0, "GET": 0}
+        self.upload_slots = trio.Semaphore(max(max_connections // 2, 1))  # multipart parts in flight
+        self.requests = {"LIST": 0, "HEAD": 0, "GET": 0, "PUT": 0, "COPY": 0, "DELETE": 0}
 
     async def _call(self, what: str, kind: str, fn: Callable[[], T]) -> T:
         self.requests[kind] += 1
@@ -179,3 +181,105 @@ class Repository:
                 return body.read()
 
         return await self._call(f"GET s3://{self.bucket}/{key}", "GET", get)
+
+    # ------------------------------------------------------------------------------------------------ writes
+
+    def _sse(self) -> dict[str, str]:
+        """Encryption headers: none (the bucket's default applies) unless a KMS key is configured."""
+        if self.kms_key_id:
+            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+        return {}
+
+    async def put(self, key: str, body: bytes, metadata: dict[str, str]) -> str:
+        """``PutObject``; returns the new ETag."""
+        resp = await self._call(
+            f"PUT s3://{self.bucket}/{key}",
+            "PUT",
+            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata, **self._sse()),
+        )
+        return _etag(resp["ETag"])
+
+    async def copy(self, src_key: str, src_etag: str, key: str, metadata: dict[str, str]) -> str:
+        """Server-side ``CopyObject`` of one version with new metadata; returns the new ETag."""
+        resp = await self._call(
+            f"COPY s3://{self.bucket}/{src_key} -> {key}",
+            "COPY",
+            lambda: self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": src_key},
+                CopySourceIfMatch=f'"{src_etag}"',
+                Metadata=metadata,
+                MetadataDirective="REPLACE",
+                **self._sse(),
+            ),
+        )
+        return _etag(resp["CopyObjectResult"]["ETag"])
+
+    async def delete(self, key: str) -> None:
+        await self._call(
+            f"DELETE s3://{self.bucket}/{key}",
+            "DELETE",
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
+        )
+
+    async def multipart_upload(
+        self,
+        key: str,
+        size: int,
+        part_size: int,
+        read: Callable[[int, int], Awaitable[bytes]],
+        metadata: dict[str, str],
+    ) -> str:
+        """Upload ``size`` bytes produced by ``read(off, length)`` in parts, several in flight; returns the ETag."""
+        what = f"multipart upload s3://{self.bucket}/{key}"
+        upload = await self._call(
+            what,
+            "PUT",
+            lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata, **self._sse()),
+        )
+        upload_id = upload["UploadId"]
+        etags: dict[int, str] = {}
+
+        async def one(number: int, off: int) -> None:
+            body = await read(off, min(part_size, size - off))
+            resp = await self._call(
+                f"{what} part {number}",
+                "PUT",
+                lambda: self.client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                ),
+            )
+            etags[number] = resp["ETag"]
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, off in enumerate(range(0, size, part_size), start=1):
+                    await self.upload_slots.acquire()  # bounds the parts (and their memory) in flight
+                    nursery.start_soon(self._released_after, one, number, off)
+            parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+            resp = await self._call(
+                what,
+                "PUT",
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._call(
+                        what,
+                        "DELETE",
+                        lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
+                    )
+                except RepositoryError as exc:
+                    log.warning("could not abort %s: %s", what, exc)
+            raise
+        return _etag(resp["ETag"])
+
+    async def _released_after(self, fn: Callable[[int, int], Awaitable[None]], number: int, off: int) -> None:
+        try:
+            await fn(number, off)
+        finally:
+            self.upload_slots.release()
