@@ -28,6 +28,7 @@ import trio
 
 from . import db, options, records, s3client
 from .cache import Cache
+from .control_channel import Control
 from .errors import FsxError
 from .events import EventLog
 from .fs import Operations
@@ -370,7 +371,8 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     ns.on_change = writeback.schedule
     ns.purge_orphans()
     prefetcher = Prefetcher(cache, p.opts.read_ahead_mib * options.MIB, small_file=part_size, files_ahead=16)
-    ops = Operations(ns, cache, prefetcher, writeback, p.opts.attr_timeout, p.opts.negative_timeout)
+    control = Control(ns, cache, writeback)
+    ops = Operations(ns, cache, prefetcher, writeback, control, p.opts.attr_timeout, p.opts.negative_timeout)
 
     fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs"}
     if p.opts.ro:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
 import sqlite3
@@ -21,9 +20,10 @@ from typing import Any, ParamSpec, TypeVar
 import cachetools
 import pyfuse3
 
-from . import db, stats
+from . import control_channel, db
 from .cache import Cache, FileData, ObjectVersion
-from .namespace import DATA, ROOT_INODE, Namespace, NoEntry
+from .control_channel import Control
+from .namespace import DATA, Namespace, NoEntry
 from .prefetch import Prefetcher, ReadAhead
 from .repository import RepositoryError
 from .writeback import Writeback
@@ -91,6 +91,7 @@ class Operations(pyfuse3.Operations):
         cache: Cache,
         prefetcher: Prefetcher,
         writeback: Writeback,
+        control: Control,
         attr_timeout: float,
         negative_timeout: float,
     ) -> None:
@@ -99,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self.cache = cache
         self.prefetcher = prefetcher
         self.writeback = writeback
+        self.control = control
         self.attr_timeout = attr_timeout
         self.negative_timeout = negative_timeout
         self._handles: dict[int, _Handle] = {}
@@ -338,13 +340,23 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if inode == ROOT_INODE and name == stats.STATS_XATTR:
-            return json.dumps(stats.snapshot(self.ns, self.cache)).encode()
+        if name.startswith(control_channel.PREFIX):
+            return await self.control.get(inode, name.removeprefix(control_channel.PREFIX), ctx)
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @fuse_op
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        if name.startswith(control_channel.PREFIX):
+            return await self.control.set(inode, name.removeprefix(control_channel.PREFIX), value, ctx)
+        raise pyfuse3.FUSEError(errno.ENOTSUP)  # other extended attributes are not stored
+
+    @fuse_op
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return [stats.STATS_XATTR] if inode == ROOT_INODE else []
+        return self.control.names(inode)
+
+    @fuse_op
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     @fuse_op
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -7,8 +7,6 @@ from typing import Any
 from .cache import Cache
 from .namespace import Namespace
 
-STATS_XATTR = b"user.lustrefs.stats"
-
 
 def snapshot(ns: Namespace, cache: Cache) -> dict[str, Any]:
     """Requests made, cache use per target, hits and misses, inode count."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +14,8 @@ from typing import Any
 
 import pytest
 from helpers import MotoEndpoint, Mounted, create_fs, fuse_available, mount_fs
+
+from lustrefs import records
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -49,6 +54,23 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "home"
     monkeypatch.setenv("LUSTREFS_HOME", str(path))
     return path
+
+
+@pytest.fixture
+def fake_daemon() -> Iterator[Callable[[str, str], int]]:
+    """``fake_daemon(fs_id, mountpoint)``: a live process posing as the daemon of ``fs_id`` (its mount.json)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(fs_id: str, mountpoint: str) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", fs_id])
+        procs.append(proc)
+        (records.fs_dir(fs_id) / "mount.json").write_text(json.dumps({"pid": proc.pid, "mountpoint": mountpoint}))
+        return proc.pid
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import sys
@@ -365,9 +364,9 @@ def test_delete(s3: Any, run: Any) -> None:
                          "DeleteFileSystem")
 
 
-def test_delete_refuses_while_mounted(s3: Any, run: Any) -> None:
+def test_delete_refuses_while_mounted(s3: Any, run: Any, fake_daemon: Any) -> None:
     fs_id = create_id(run)
-    (records.fs_dir(fs_id) / "mount.json").write_text(json.dumps({"pid": os.getpid(), "mountpoint": "/mnt/m"}))
+    fake_daemon(fs_id, "/mnt/m")
     result = run("delete-file-system", "--file-system-id", fs_id)
     assert_service_error(result, "BadRequest", "DeleteFileSystem", f"{fs_id} is mounted at /mnt/m; unmount it first.")
     assert records.load_record(fs_id)["FileSystemId"] == fs_id

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 import subprocess
@@ -370,9 +369,9 @@ def fake_mount(fs_id: str, pid: int, mountpoint: str = "/mnt/fsx") -> None:
     (records.fs_dir(fs_id) / "mount.json").write_text(json.dumps({"pid": pid, "mountpoint": mountpoint}))
 
 
-def test_describe_a_mounted_file_system_shows_the_record(s3: Any) -> None:
+def test_describe_a_mounted_file_system_shows_the_record(s3: Any, fake_daemon: Any) -> None:
     fs = create(s3, linked())
-    fake_mount(fs["FileSystemId"], os.getpid())
+    fake_daemon(fs["FileSystemId"], "/mnt/fsx")
     assert records.mount_state(fs["FileSystemId"]) is not None
     assert control.describe_file_systems([fs["FileSystemId"]])["FileSystems"] == [fs]
 
@@ -449,9 +448,9 @@ def test_delete_removes_record_and_local_dir_but_not_s3_data(s3: Any) -> None:
     assert excinfo.value.code == "FileSystemNotFound"
 
 
-def test_delete_refuses_while_mounted(s3: Any) -> None:
+def test_delete_refuses_while_mounted(s3: Any, fake_daemon: Any) -> None:
     fs_id = create(s3, linked())["FileSystemId"]
-    fake_mount(fs_id, os.getpid(), "/mnt/x")
+    fake_daemon(fs_id, "/mnt/x")
     with pytest.raises(FsxError) as excinfo:
         control.delete_file_system(fs_id)
     message = f"File system {fs_id} is mounted at /mnt/x; unmount it first."
