@@ -375,6 +375,12 @@ class Cache:
                 else:
                     self._drop(key)
 
+    def drop_version(self, ino: int, etag: str) -> None:
+        """Forget the cached data of one object version of ``ino`` (replaced by a newer one)."""
+        with db.transaction(self.conn):
+            for key in [k for k in self._lru if k[0] == ino and k[1] == etag]:
+                self._drop(key)
+
     def drop_inode(self, ino: int) -> None:
         """Forget every part of ``ino`` (the file is gone)."""
         with db.transaction(self.conn):
@@ -383,6 +389,34 @@ class Cache:
 
     def local_bytes(self) -> int:
         return sum(size for (_, etag, _), size in self._lru.items() if etag == LOCAL)
+
+    # ----------------------------------------------------------------------------------------- HSM (lustrefs.hsm)
+
+    def cached_bytes(self, ino: int, etag: str | None = None) -> int:
+        """Bytes of ``ino`` in the cache: of object version ``etag`` and local data, or (None) of any version."""
+        if etag is None:
+            query, args = "SELECT total(size) FROM cache_parts WHERE ino = ?", (ino,)
+        else:
+            query, args = "SELECT total(size) FROM cache_parts WHERE ino = ? AND etag IN (?, ?)", (ino, etag, LOCAL)
+        return int(self.conn.execute(query, args).fetchone()[0])
+
+    def release(self, ino: int) -> int:
+        """Drop the clean parts of ``ino`` except those being read; local data stays. Returns the bytes freed."""
+        rows = self.conn.execute("SELECT etag, part FROM cache_parts WHERE ino = ? AND etag != ?", (ino, LOCAL))
+        freed = 0
+        with db.transaction(self.conn):
+            for etag, part in rows.fetchall():
+                key = (ino, etag, part)
+                if key not in self._pins:
+                    freed += self._lru.get(key, 0)
+                    self._drop(key)
+        return freed
+
+    async def fetch_all(self, obj: ObjectVersion, parts_at_once: int = 64) -> None:
+        """Bring every part of ``obj`` into the cache, ``parts_at_once`` at a time (hsm_restore)."""
+        parts = self._parts_of(0, obj.size) if obj.size else range(0)
+        for i in range(0, len(parts), parts_at_once):
+            await self._ensure(obj, list(parts[i : i + parts_at_once]))
 
     # ----------------------------------------------------------------------------------------- bookkeeping
 

@@ -75,8 +75,24 @@ S3_MISSING_CODES = frozenset(("404", "NoSuchBucket", "NotFound"))
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:
-    """The FSx description of a record: every private (``_``-prefixed) field removed."""
-    return {k: v for k, v in record.items() if not k.startswith("_")}
+    """The FSx description of a record: private (``_``-prefixed) fields removed, and while it is mounted the
+    data repository's Lifecycle (AVAILABLE or MISCONFIGURED, with FailureDetails) as the daemon sees it."""
+    view = {k: v for k, v in record.items() if not k.startswith("_")}
+    repo = view.get("LustreConfiguration", {}).get("DataRepositoryConfiguration")
+    fs_id = record["FileSystemId"]
+    if repo is not None and records.mount_state(fs_id) is not None:
+        try:
+            state = json.loads((records.home_dir() / fs_id / "repository-state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        if "Lifecycle" in state:
+            repo = view["LustreConfiguration"]["DataRepositoryConfiguration"] = {
+                **repo,
+                "Lifecycle": state["Lifecycle"],
+            }
+            if "FailureDetails" in state:
+                repo["FailureDetails"] = state["FailureDetails"]
+    return view
 
 
 # ---------------------------------------------------------------------------------------------- create

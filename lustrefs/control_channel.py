@@ -14,6 +14,7 @@ import pyfuse3
 
 from . import stats
 from .cache import Cache
+from .importer import Importer
 from .namespace import ROOT_INODE, Namespace
 from .writeback import Writeback
 
@@ -23,10 +24,11 @@ PREFIX = b"user.lustrefs."
 class Control:
     """Answers ``user.lustrefs.*`` attributes; owns nothing, acts through the namespace, cache and exporter."""
 
-    def __init__(self, ns: Namespace, cache: Cache, writeback: Writeback) -> None:
+    def __init__(self, ns: Namespace, cache: Cache, writeback: Writeback, importer: Importer) -> None:
         self.ns = ns
         self.cache = cache
         self.writeback = writeback
+        self.importer = importer
 
     def names(self, ino: int) -> list[bytes]:
         """The attribute names listed on ``ino``."""
@@ -37,6 +39,7 @@ class Control:
         if name == b"stats" and ino == ROOT_INODE:
             snapshot = stats.snapshot(self.ns, self.cache)
             snapshot["export_queue"] = self.writeback.queue_length()
+            snapshot["import"] = self.importer.status()
             return json.dumps(snapshot).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
 

@@ -32,6 +32,7 @@ from .control_channel import Control
 from .errors import FsxError
 from .events import EventLog
 from .fs import Operations
+from .importer import Importer, Notifier, read_policy
 from .namespace import Defaults, Namespace
 from .prefetch import Prefetcher
 from .repository import Repository
@@ -371,7 +372,19 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     ns.on_change = writeback.schedule
     ns.purge_orphans()
     prefetcher = Prefetcher(cache, p.opts.read_ahead_mib * options.MIB, small_file=part_size, files_ahead=16)
-    control = Control(ns, cache, writeback)
+    notifier = Notifier(ns)
+    importer = Importer(
+        ns,
+        cache,
+        repo,
+        events,
+        notifier,
+        read_policy(lambda: records.load_record(p.fs_id)),
+        home / "repository-state.json",
+        p.opts.poll_interval,
+    )
+    ns.on_closed = importer.closed
+    control = Control(ns, cache, writeback, importer=importer)
     ops = Operations(ns, cache, prefetcher, writeback, control, p.opts.attr_timeout, p.opts.negative_timeout)
 
     fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs"}
@@ -391,7 +404,7 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     report.unlink(missing_ok=True)
     closed = [False]
     try:
-        left = trio.run(_main, ns, cache, writeback, ready_fd, p.opts.export_timeout, closed)
+        left = trio.run(_main, ns, cache, writeback, importer, notifier, ready_fd, p.opts.export_timeout, closed)
         if left:
             report.write_text(json.dumps([{"path": path, "reason": why} for path, why in left], indent=1))
             for path, why in left:
@@ -405,6 +418,7 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         if not closed[0]:
             pyfuse3.close(unmount=False)
         state_file.unlink(missing_ok=True)
+        (home / "repository-state.json").unlink(missing_ok=True)
         conn.close()
         events.close()
         log.info("unmounted %s", p.mountpoint)
@@ -412,13 +426,22 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
 
 
 async def _main(
-    ns: Namespace, cache: Cache, writeback: Writeback, ready_fd: int | None, export_timeout: float, closed: list[bool]
+    ns: Namespace,
+    cache: Cache,
+    writeback: Writeback,
+    importer: Importer,
+    notifier: Notifier,
+    ready_fd: int | None,
+    export_timeout: float,
+    closed: list[bool],
 ) -> list[tuple[str, str]]:
     """Serve until unmounted; then export what is dirty. Returns what could not be exported."""
     async with trio.open_nursery() as nursery:
         await nursery.start(ns.run)
         await nursery.start(cache.run)
         await nursery.start(writeback.run)
+        await nursery.start(notifier.run)
+        await nursery.start(importer.run)
         nursery.start_soon(_housekeeping, cache)
         nursery.start_soon(_signals)
         fuse_done = trio.Event()

@@ -37,7 +37,16 @@ CREATE TABLE IF NOT EXISTS inodes (
     data_gen   INTEGER NOT NULL DEFAULT 0,        -- bumped by each local change; export clears dirty if unchanged
     exported_key TEXT,                            -- key where the entry was last exported (or imported, when the export
                                                   -- prefix is the import prefix); NULL: not in the export prefix
+    import_etag TEXT,                             -- ETag of the object at this path when last imported ('' for a
+                                                  -- directory from a listing); NULL: created or moved here locally
     UNIQUE (parent, name)
+);
+
+-- Names removed locally whose objects may still be in S3: the importer does not bring them back.
+CREATE TABLE IF NOT EXISTS whiteouts (
+    parent     INTEGER NOT NULL,                  -- directory inode
+    name       TEXT NOT NULL,                     -- removed name
+    PRIMARY KEY (parent, name)
 );
 CREATE INDEX IF NOT EXISTS inodes_dirty ON inodes (dirty) WHERE dirty != 0;
 

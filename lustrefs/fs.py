@@ -80,6 +80,8 @@ class _Handle:
     ino: int
     read_ahead: ReadAhead
     writable: bool
+    opened: FileData  # the content when opened: reads stay on it if S3 replaces the object meanwhile
+    reimports: int  # the inode's re-import count when opened
 
 
 class Operations(pyfuse3.Operations):
@@ -183,7 +185,9 @@ class Operations(pyfuse3.Operations):
     def _new_handle(self, ino: int, writable: bool) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(ino, self.prefetcher.new_handle(), writable)
+        self._handles[fh] = _Handle(
+            ino, self.prefetcher.new_handle(), writable, self._data(ino), self.ns.reimports.get(ino, 0)
+        )
         self.ns.opened(ino)
         if writable:
             self.writeback.opened_for_write(ino)
@@ -229,7 +233,8 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
-        data = self._data(handle.ino)
+        reimported = handle.reimports != self.ns.reimports.get(handle.ino, 0)
+        data = handle.opened if reimported and not handle.opened.local else self._data(handle.ino)
         if data.source is not None and not data.local:
             self.prefetcher.on_read(handle.read_ahead, data.source, off, size)
         return await self.cache.read(data, off, size)

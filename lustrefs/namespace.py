@@ -102,8 +102,10 @@ class Namespace:
         self.head_workers = head_workers
         self.export_is_import = export_is_import  # imported keys are export keys (objects replaced on export)
         self.open_counts: dict[int, int] = {}
+        self.reimports: dict[int, int] = {}  # ino -> times its object was re-imported (pins open handles)
         self.on_purge: Callable[[int], None] = lambda ino: None  # drops the data of a deleted inode
-        self.on_change: Callable[[int, int], None] = lambda ino, delay: None  # an entry needs exporting
+        self.on_change: Callable[[int, float], None] = lambda ino, delay: None  # an entry needs exporting
+        self.on_closed: Callable[[int], None] = lambda ino: None  # the last file handle of an inode closed
         self.lookup_counts: dict[int, int] = {}
         self._listings: dict[int, _Listing] = {}
         self._heads: dict[int, _Head] = {}
@@ -137,10 +139,12 @@ class Namespace:
         now = time.time_ns()
         mtime = now if mtime_ns is None else mtime_ns
         uid, gid = owner or (self.defaults.uid, self.defaults.gid)
-        exported = key if (etag is not None or key.endswith("/")) and self.export_is_import else None
+        imported = etag is not None or key.endswith("/")
+        exported = key if imported and self.export_is_import else None
         cur = self.conn.execute(
             "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
-            " src_limit, meta_etag, dirty, exported_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " src_limit, meta_etag, dirty, exported_key, import_etag)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 ino,
                 parent,
@@ -158,6 +162,7 @@ class Namespace:
                 meta_etag,
                 dirty,
                 exported,
+                (etag or IMPLIED) if imported else None,
             ),
         )
         assert cur.lastrowid is not None
@@ -299,6 +304,7 @@ class Namespace:
             self.open_counts[ino] = left
         else:
             self.open_counts.pop(ino, None)
+            self.on_closed(ino)
             self._purge_if_unused(ino)
 
     def _purge_if_unused(self, ino: int) -> None:
@@ -573,6 +579,7 @@ class Namespace:
                 meta_etag=IMPLIED,
                 owner=(uid, gid),
             )
+            self.conn.execute("DELETE FROM whiteouts WHERE parent = ? AND name = ?", (parent, name))
             if stat.S_ISDIR(mode):
                 self.conn.execute("UPDATE inodes SET listed = 1 WHERE ino = ?", (ino,))
             if target is not None:
@@ -602,7 +609,11 @@ class Namespace:
         self._purge_if_unused(row["ino"])
 
     def _orphan(self, row: sqlite3.Row) -> None:
-        """Detach an inode from the tree; its exported object is queued for deletion."""
+        """Detach an inode from the tree; its exported object is queued for deletion, its name whited out."""
+        if row["import_etag"] is not None:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO whiteouts (parent, name) VALUES (?, ?)", (row["parent"], row["name"])
+            )
         if row["exported_key"]:
             self.conn.execute(
                 "INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)",
@@ -643,11 +654,15 @@ class Namespace:
         with db.transaction(self.conn):
             if dest is not None:
                 self._orphan(dest)
+            if row["import_etag"] is not None:
+                self.conn.execute("INSERT OR IGNORE INTO whiteouts (parent, name) VALUES (?, ?)", (parent, name))
+            self.conn.execute("DELETE FROM whiteouts WHERE parent = ? AND name = ?", (new_parent, new_name))
             self.conn.execute(
                 "UPDATE inodes SET parent = ?, name = ? WHERE ino = ?", (new_parent, new_name, row["ino"])
             )
             for ino in moved:
                 self.mark_dirty(ino, META)
+                self.conn.execute("UPDATE inodes SET import_etag = NULL WHERE ino = ?", (ino,))  # now local
             self._touch_dir(parent)
             self._touch_dir(new_parent)
         if dest is not None:
@@ -703,3 +718,51 @@ class Namespace:
             names.append(row["name"])
             ino = row["parent"]
         return "/".join(reversed(names))
+
+    # ----------------------------------------------------------------------------------------- imports
+
+    def add_imported_dir(self, parent: int, name: str, key: str) -> None:
+        """A directory that appeared in S3 (in the caller's transaction); loaded lazily like the others."""
+        self._add_dir(parent, name, key)
+
+    def add_imported_file(self, parent: int, name: str, obj: ObjectInfo) -> None:
+        """A file that appeared in S3 (in the caller's transaction); its metadata is HEADed in the background."""
+        ino = self._insert(
+            parent,
+            name,
+            stat.S_IFREG | self.defaults.file_mode,
+            obj.key,
+            size=obj.size,
+            mtime_ns=obj.mtime_ns,
+            etag=obj.etag,
+            meta_etag=None if self.posix_metadata else obj.etag,
+        )
+        self._queue_head(ino)
+
+    def reimport_file(self, ino: int, obj: ObjectInfo) -> None:
+        """The object of a clean file changed in S3: take its size and version; metadata is HEADed again."""
+        self.reimports[ino] = self.reimports.get(ino, 0) + 1
+        self.conn.execute(
+            "UPDATE inodes SET key = ?, etag = ?, import_etag = ?, size = ?, src_limit = ?, mtime_ns = ?,"
+            " ctime_ns = ?, meta_etag = ?, target = NULL WHERE ino = ?",
+            (
+                obj.key,
+                obj.etag,
+                obj.etag,
+                obj.size,
+                obj.size,
+                obj.mtime_ns,
+                time.time_ns(),
+                None if self.posix_metadata else obj.etag,
+                ino,
+            ),
+        )
+        self._queue_head(ino)
+
+    def remove_imported(self, row: sqlite3.Row) -> None:
+        """An object deleted in S3: its entry goes, without deleting anything in S3 (in the caller's transaction)."""
+        self.conn.execute(
+            "UPDATE inodes SET parent = ?, name = ?, dirty = 0, exported_key = NULL WHERE ino = ?",
+            (ORPHAN, f"#{row['ino']}", row["ino"]),
+        )
+        self._purge_if_unused(row["ino"])

@@ -35,6 +35,7 @@ class MountOptions:
     read_ahead_mib: int = 64  # largest read-ahead window of a sequential reader
     part_size_mib: int = 1  # unit of fetching and of cache presence within a chunk
     max_connections: int = 16  # S3 connection budget of the whole mount
+    poll_interval: float = 60.0  # seconds between two polls of S3 for the AutoImportPolicy
     export_delay: float = 3.0  # seconds a written file must be closed and idle before it is exported
     export_timeout: float = 60.0  # seconds an unmount waits for dirty data to be exported
     sse_kms_key_id: str | None = None  # export with SSE-KMS and this key (default: the bucket's encryption)
@@ -100,7 +101,7 @@ def parse_options(text: str | None) -> MountOptions:
             opts.log_level = value.lower()
         elif name == "posix_metadata":
             opts.posix_metadata = _bool(name, value)
-        elif name in ("attr_timeout", "negative_timeout", "export_timeout"):
+        elif name in ("attr_timeout", "negative_timeout", "export_timeout", "poll_interval"):
             setattr(opts, name, _float(name, value))
         elif name == "export_delay":
             opts.export_delay = _float(name, value) if value not in ("0", "0.0") else 0.0

@@ -261,6 +261,8 @@ class Writeback:
             conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
             if not no_data:
                 conn.execute("UPDATE inodes SET key = ?, etag = ?, src_limit = size WHERE ino = ?", (key, etag, ino))
+            if self.target.base == "" and not key.endswith("/"):  # the object at this path is now this export
+                conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (etag, ino))
         if not no_data:
             self.cache.adopt(ino, source, ObjectVersion(ino, key, etag, row["size"]))
 

@@ -1,0 +1,264 @@
+"""HSM state and actions of files, as Lustre's ``lfs hsm_*`` commands show and request them on FSx.
+
+States follow FSx: an imported file not read yet is ``released exists archived``; once any of its data is
+cached, ``exists archived``; changed locally, ``exists dirty archived`` (``exists dirty`` for a new file
+never exported); exported again, ``exists archived``. ``archive`` exports a file now and waits for it,
+``release`` drops the cached data of a clean archived file, ``restore`` fetches a file's data in the
+background. The formatting functions at the top are what the CLI prints; the rest runs in the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .cache import ObjectVersion, first_error
+from .namespace import ORPHAN, NoEntry
+from .repository import RepositoryError
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from .cache import Cache
+    from .namespace import Namespace
+    from .writeback import Writeback
+
+log = logging.getLogger(__name__)
+
+# Lustre's enum hsm_states (lustre_user.h), in the order ``lfs hsm_state`` prints them.
+HS_EXISTS, HS_DIRTY, HS_RELEASED, HS_ARCHIVED = 0x01, 0x02, 0x04, 0x08
+HS_NORELEASE, HS_NOARCHIVE, HS_LOST = 0x10, 0x20, 0x40
+FLAG_NAMES = (
+    (HS_RELEASED, "released"),
+    (HS_EXISTS, "exists"),
+    (HS_DIRTY, "dirty"),
+    (HS_ARCHIVED, "archived"),
+    (HS_NORELEASE, "never_release"),
+    (HS_NOARCHIVE, "never_archive"),
+    (HS_LOST, "lost_from_hsm"),
+)
+ARCHIVE_ID = 1  # FSx shows archive_id:1 for every file with a copy in S3
+MAX_ARCHIVE_ATTEMPTS = 3  # an archive retried while the file keeps changing under it
+RESTORES_AT_ONCE = 8
+ARCHIVE_ERRNO = {"ResourceBusy": errno.EBUSY, "PathSizeTooLong": errno.ENAMETOOLONG, "FileSizeTooLarge": errno.EFBIG}
+
+
+XATTR_PREFIX = "user.lustrefs."  # the control channel: extended attributes of files in the mount
+ERROR_XATTR = XATTR_PREFIX + "error"  # the message of the last failed action on a file
+
+
+def format_state(path: str, flags: int, archive_id: int) -> str:
+    """One line of ``lfs hsm_state``: ``<path>: (0x0000000d) released exists archived, archive_id:1``."""
+    text = f"{path}: (0x{flags:08x})" + "".join(f" {name}" for bit, name in FLAG_NAMES if flags & bit)
+    return text + (f", archive_id:{archive_id}" if archive_id else "")
+
+
+def format_action(path: str, action: str, state: str = "", moved: int = 0) -> str:
+    """One line of ``lfs hsm_action``: ``<path>: NOOP`` or ``<path>: ARCHIVE running (0 bytes moved)``."""
+    if action == "NOOP":
+        return f"{path}: NOOP"
+    where = f"({moved} bytes moved)" if state == "running" else "(from 0 to EOF)"
+    return f"{path}: {action} {state} {where}"
+
+
+class ActionError(Exception):
+    """An action requested through the mount that failed: the errno to answer, FSx's code, a message."""
+
+    def __init__(self, err: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.errno = err
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one entry could not be exported (an FSx report code and a message)."""
+
+    code: str
+    message: str
+
+
+def flags_of(row: sqlite3.Row, cached: int) -> int:
+    """The HSM flags of an inode row; ``cached`` is how many bytes of its current data are in the cache."""
+    is_dir = stat.S_ISDIR(row["mode"])
+    dirty = row["dirty"] != 0
+    archived = row["etag"] is not None or row["exported_key"] is not None or (is_dir and row["key"] != "")
+    flags = HS_EXISTS | HS_ARCHIVED if archived else 0
+    if dirty:
+        flags |= HS_EXISTS | HS_DIRTY  # a new file never exported shows "exists dirty", as FSx documents it
+    if archived and not dirty and stat.S_ISREG(row["mode"]) and row["size"] > 0 and cached == 0:
+        flags |= HS_RELEASED
+    return flags
+
+
+async def export_now(ns: Namespace, writeback: Writeback, ino: int) -> Failure | None:
+    """Export ``ino`` now if it is dirty, waiting for an export of it already running; None once it is clean."""
+    for _ in range(MAX_ARCHIVE_ATTEMPTS):
+        if ino in writeback.s.writers:
+            return Failure("ResourceBusy", "the file is open for writing; it is exported once it is closed")
+        while ino in writeback.s.running:
+            await trio.sleep(0.05)
+        try:
+            row = ns.get(ino)
+        except NoEntry:
+            return None  # deleted meanwhile: nothing left to export
+        if row["dirty"] == 0 or row["parent"] == ORPHAN:
+            return None
+        writeback.s.running.add(ino)  # keeps the exporter's own scheduling off this entry meanwhile
+        try:
+            await writeback.export(ino)
+        except NoEntry:
+            return None
+        except RepositoryError as exc:
+            return Failure(exc.code, str(exc))
+        except OSError as exc:
+            return Failure("InternalError", str(exc))
+        except BaseExceptionGroup as group:
+            err = first_error(group)
+            return Failure(getattr(err, "code", "InternalError"), str(err))
+        finally:
+            writeback.s.running.discard(ino)
+            writeback.schedule(0, 0)  # wake the exporter: it may have skipped this entry meanwhile
+        row = ns.get(ino)
+        if row["dirty"] == 0 or row["parent"] == ORPHAN:
+            return None
+        if writeback.s.given_up.get(ino) == row["data_gen"]:
+            code, _, message = writeback.s.errors.get(ino, "InternalError: not exported").partition(": ")
+            return Failure(code, message)
+    return Failure("ResourceBusy", "the file kept changing during the export")
+
+
+class Hsm:
+    """The daemon's side of the HSM commands: state, archive, release, restore, and what is in progress."""
+
+    def __init__(self, ns: Namespace, cache: Cache, writeback: Writeback) -> None:
+        self.ns = ns
+        self.cache = cache
+        self.writeback = writeback
+        self.archiving: dict[int, int] = {}  # ino -> archive requests in progress
+        self.restoring: set[int] = set()
+        self._nursery: trio.Nursery | None = None
+        self._restores = trio.CapacityLimiter(RESTORES_AT_ONCE)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host background restores until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def cached(self, row: sqlite3.Row) -> int:
+        """Bytes of the file's current data in the cache (its object version, or local data)."""
+        return self.cache.cached_bytes(row["ino"], row["etag"] or "")
+
+    def state(self, ino: int) -> dict[str, int]:
+        """``{"flags", "archive_id"}`` of ``ino``."""
+        row = self.ns.get(ino)
+        flags = flags_of(row, self.cached(row))
+        return {"flags": flags, "archive_id": ARCHIVE_ID if flags & HS_EXISTS else 0}
+
+    def action(self, ino: int) -> dict[str, Any]:
+        """The HSM action in progress on ``ino``: ``{"action", "state", "bytes"}`` (action NOOP if none)."""
+        if ino in self.archiving or ino in self.writeback.s.running:
+            return {"action": "ARCHIVE", "state": "running", "bytes": 0}
+        if ino in self.restoring:
+            return {"action": "RESTORE", "state": "running", "bytes": self.cached(self.ns.get(ino))}
+        if ino in self.writeback.s.due:
+            return {"action": "ARCHIVE", "state": "waiting", "bytes": 0}
+        return {"action": "NOOP", "state": "", "bytes": 0}
+
+    def _regular(self, ino: int) -> sqlite3.Row:
+        row = self.ns.get(ino)
+        if not stat.S_ISREG(row["mode"]):
+            raise ActionError(errno.EINVAL, "BadRequest", "not a regular file")
+        return row
+
+    async def archive(self, ino: int) -> None:
+        """Export the file now and wait for it (``hsm_archive``); raises ActionError with FSx's code on failure."""
+        self._regular(ino)
+        self.archiving[ino] = self.archiving.get(ino, 0) + 1
+        try:
+            failure = await export_now(self.ns, self.writeback, ino)
+        finally:
+            left = self.archiving.pop(ino) - 1
+            if left:
+                self.archiving[ino] = left
+        if failure is not None:
+            raise ActionError(ARCHIVE_ERRNO.get(failure.code, errno.EIO), failure.code, failure.message)
+
+    def release(self, ino: int) -> int:
+        """Drop the cached data of a clean archived file (``hsm_release``); returns the bytes freed."""
+        row = self._regular(ino)
+        flags = flags_of(row, 0)
+        if flags & HS_DIRTY:
+            raise ActionError(errno.EBUSY, "ResourceBusy", "the file has changes not exported yet; archive it first")
+        if not flags & HS_ARCHIVED:
+            raise ActionError(errno.EINVAL, "BadRequest", "the file has no copy in S3")
+        if ino in self.ns.open_counts or ino in self.restoring:
+            raise ActionError(errno.EBUSY, "ResourceBusy", "the file is in use")
+        return self.cache.release(ino)
+
+    def restore(self, ino: int) -> None:
+        """Start fetching the whole file into the cache in the background (``hsm_restore``)."""
+        row = self._regular(ino)
+        if row["dirty"] or row["etag"] is None or row["src_limit"] == 0 or ino in self.restoring:
+            return  # nothing in S3 to restore from, or already on its way
+        obj = ObjectVersion(ino, row["key"], row["etag"], row["src_limit"])
+        if self._nursery is None:
+            self.cache.prefetch(obj, 0, obj.size)
+            return
+        self.restoring.add(ino)
+        self._nursery.start_soon(self._restore, obj)
+
+    async def _restore(self, obj: ObjectVersion) -> None:
+        try:
+            async with self._restores:
+                await self.cache.fetch_all(obj)
+        except Exception as exc:
+            err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            code = getattr(err, "code", "InternalError")
+            self.ns.events.emit("ERROR", code, f"Restore of {obj.key} failed: {err}", key=obj.key)
+        finally:
+            self.restoring.discard(obj.ino)
+
+
+# --------------------------------------------------------------------------------- client side (the CLI)
+
+
+def read_state(path: str) -> str:
+    """``lfs hsm_state`` of one file, through the mount. Raises OSError."""
+    state = json.loads(os.getxattr(path, XATTR_PREFIX + "hsm_state"))
+    return format_state(path, state["flags"], state["archive_id"])
+
+
+def read_action(path: str) -> str:
+    """``lfs hsm_action`` of one file, through the mount. Raises OSError."""
+    action = json.loads(os.getxattr(path, XATTR_PREFIX + "hsm_action"))
+    return format_action(path, action["action"], action["state"], action["bytes"])
+
+
+def request(path: str, action: str) -> None:
+    """Ask the daemon for ``action`` (hsm_archive, hsm_release, hsm_restore) on one file; waits for it.
+
+    Raises OSError whose ``strerror`` is the daemon's explanation (``PathSizeTooLong: …``) when it gave one.
+    """
+    try:
+        os.setxattr(path, XATTR_PREFIX + action, b"")
+    except OSError as exc:
+        raise OSError(exc.errno, daemon_error(path) or exc.strerror, path) from None
+
+
+def daemon_error(path: str) -> str | None:
+    """The daemon's message about the last action on ``path`` that failed, if it has one."""
+    try:
+        return os.getxattr(path, ERROR_XATTR).decode(errors="replace")
+    except OSError:
+        return None
