@@ -2,22 +2,28 @@
 
 ``lustrefs`` parses arguments the way the AWS CLI does (shorthand ``k=v,k2=v2`` or JSON for structures,
 ``Key=a,Value=b`` items for lists of structures), prints responses as indented JSON and exits 254 on a
-service error and 252 on a usage error, like ``aws``.
+service error and 252 on a usage error, like ``aws``. ``hsm_state``, ``hsm_archive``, ``hsm_release``,
+``hsm_restore`` and ``hsm_action`` print what Lustre's ``lfs`` prints, so FSx scripts work with ``lfs``
+replaced by ``lustrefs``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, TextIO
 
 import botocore.exceptions
 
-from . import control
+from . import control, hsm, records, tasks
 from .errors import FsxError
 from .s3client import make_client
 
@@ -31,12 +37,21 @@ MOUNT_EXIT_FAILURE = 32  # mount(8): mount failure
 INTEGER_MEMBERS = frozenset(
     ("ImportedFileChunkSize", "PerUnitStorageThroughput", "AutomaticBackupRetentionDays", "ThroughputCapacity")
 )
-BOOLEAN_MEMBERS = frozenset(("CopyTagsToBackups", "EfaEnabled"))
+BOOLEAN_MEMBERS = frozenset(("CopyTagsToBackups", "EfaEnabled", "Enabled"))
 
-# mount(8) options that mean nothing to the FUSE daemon (``ro`` is kept).
-GENERIC_MOUNT_OPTIONS = frozenset(
-    ("defaults", "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group", "rw")
+# mount(8) options that mean nothing to the FUSE daemon (``ro`` is kept). A FUSE mount is always nosuid and
+# nodev; access times are not kept. Options whose loss would weaken a guarantee (noexec, sync) are passed on,
+# and refused as unknown.
+GENERIC_MOUNT_OPTIONS = (
+    frozenset(("defaults", "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group", "rw"))
+    | frozenset(("nosuid", "nodev", "suid", "dev", "exec", "async", "silent", "loud", "lazytime", "nolazytime"))
+    | frozenset(
+        ("atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime")
+    )
 )
+HSM_COMMANDS = ("hsm_state", "hsm_action", "hsm_archive", "hsm_release", "hsm_restore")
+HSM_ACTIONS_AT_ONCE = 8
+SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SHORTHAND_KEY = re.compile(r"\s*([A-Za-z0-9_.:-]+)\s*=")
 
 
@@ -210,7 +225,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return daemon.mount(
         args.fs_id,
         args.mountpoint,
-        options=args.options,
+        options=filter_mount_options(args.options),
         foreground=args.foreground,
         endpoint_url=args.endpoint_url,
         region=args.region,
@@ -222,6 +237,179 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from . import daemon
 
     return daemon.umount(args.mountpoint)
+
+
+# --------------------------------------------------------------------------------- HSM commands (as lfs)
+
+
+def cmd_hsm(args: argparse.Namespace) -> int:
+    """``lustrefs hsm_* FILE...``: one line per file as ``lfs`` prints it; errors on stderr, exit 1 if any."""
+    verb = args.command
+
+    def one(path: str) -> tuple[str | None, str | None]:
+        try:
+            if verb == "hsm_state":
+                return hsm.read_state(path), None
+            if verb == "hsm_action":
+                return hsm.read_action(path), None
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return None, f'error: "{path}" is not a regular file'
+            hsm.request(path, verb)
+            return None, None
+        except OSError as exc:
+            return None, _hsm_error(verb, path, exc)
+
+    with ThreadPoolExecutor(max_workers=min(HSM_ACTIONS_AT_ONCE, len(args.files))) as pool:
+        results = list(pool.map(one, args.files))  # archives run in parallel, as lfs requests do
+    for out, err in results:
+        if out is not None:
+            print(out)
+        if err is not None:
+            print(err, file=sys.stderr)
+    return 1 if any(err for _, err in results) else 0
+
+
+def _hsm_error(verb: str, path: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+        reason = "not a file of a lustrefs mount"
+    if verb in ("hsm_state", "hsm_action"):
+        return f"can't get hsm {verb.removeprefix('hsm_')} for {path}: {reason}"
+    return f"Cannot send HSM request (use of {path}): {reason}"
+
+
+# ------------------------------------------------------------------------------- data repository tasks
+
+
+def cmd_create_data_repository_task(args: argparse.Namespace) -> int:
+    request = {
+        "Type": args.type,
+        "FileSystemId": args.file_system_id,
+        "Paths": args.paths,
+        "Report": args.report,
+        "ReleaseConfiguration": args.release_configuration,
+        "Tags": _flatten(args.tags),
+    }
+    result = tasks.create_data_repository_task({k: v for k, v in request.items() if v is not None})
+    if args.wait:
+        task = result["DataRepositoryTask"]
+        final = tasks.wait_for_task(task["FileSystemId"], task["TaskId"], _progress_bar(sys.stderr))
+        result = {"DataRepositoryTask": tasks.public(final)}
+    _print_json(result)
+    return 0
+
+
+def _progress_bar(stream: TextIO, width: int = 30) -> Callable[[dict[str, Any]], None]:
+    """A function drawing a task's progress on ``stream`` (only on a terminal)."""
+    if not stream.isatty():
+        return lambda task: None
+
+    def draw(task: dict[str, Any]) -> None:
+        status = task["Status"]
+        total, failed = status["TotalCount"], status["FailedCount"]
+        done = status["SucceededCount"] + failed
+        ended = task["Lifecycle"] not in tasks.ACTIVE
+        filled = width if ended else width * done // total if total else 0
+        bar = "#" * filled + "-" * (width - filled)
+        stream.write(f"\r{task['TaskId']} {task['Lifecycle']:<9} [{bar}] {done}/{total} files, {failed} failed")
+        stream.write("\n" if ended else "")
+        stream.flush()
+
+    return draw
+
+
+def cmd_describe_data_repository_tasks(args: argparse.Namespace) -> int:
+    _print_json(tasks.describe_data_repository_tasks(args.task_ids, _flatten(args.filters)))
+    return 0
+
+
+def cmd_cancel_data_repository_task(args: argparse.Namespace) -> int:
+    _print_json(tasks.cancel_data_repository_task(args.task_id))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ seeing inside
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``lustrefs stats MOUNTPOINT [--json]``: the daemon's counters, read through the mount root."""
+    try:
+        snapshot = json.loads(os.getxattr(args.mountpoint, "user.lustrefs.stats"))
+    except OSError as exc:
+        reason = "not the root of a lustrefs mount" if exc.errno in (errno.ENODATA, errno.ENOTSUP) else exc.strerror
+        print(f"lustrefs stats: {args.mountpoint}: {reason}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(snapshot)
+    else:
+        print(format_stats(snapshot, args.mountpoint))
+    return 0
+
+
+def format_stats(s: dict[str, Any], mountpoint: str) -> str:
+    """The stats snapshot as a two-column table."""
+    cache, imported = s["cache"], s.get("import") or {}
+    hits, misses = cache["hits"], cache["misses"]
+    rows = [
+        ("File system", f"{s.get('file_system_id', '?')} mounted at {mountpoint}"),
+        ("Lifecycle", imported.get("lifecycle", "AVAILABLE")),
+        ("Cache", f"{_size(cache['used'])} used of {_size(cache['capacity'])}"),
+        *((f"  {t['path']}", _size(t["used"])) for t in cache["targets"]),
+        ("Hits / misses", f"{hits} / {misses} parts ({100 * hits / max(hits + misses, 1):.1f}% hits)"),
+        ("Fetched", f"{_size(cache['bytes_fetched'])}, {cache['evictions']} parts evicted"),
+        ("Requests", "  ".join(f"{kind} {n}" for kind, n in s["requests"].items())),
+    ]
+    if "dirty" in s:
+        rows.append(("Dirty", f"{s['dirty']['entries']} entries, {_size(s['dirty']['bytes'])} not exported"))
+    rows.append(("Export queue", str(s.get("export_queue", 0))))
+    if imported.get("last_poll"):
+        when = datetime.fromtimestamp(imported["last_poll"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rows.append(("Last poll", f"{when} ({imported.get('last_poll_seconds', 0):.2f} s)"))
+    elif imported:
+        rows.append(("Last poll", "never"))
+    if "tasks" in s:
+        rows.append(("Tasks", f"{s['tasks']['executing'] or 'none'} executing, {s['tasks']['pending']} pending"))
+    rows.append(("Inodes", str(s["inodes"])))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_since(text: str) -> datetime:
+    """``--since``: an ISO 8601 time (UTC unless it says otherwise) or a time ago, e.g. ``-10m``, ``-2h``."""
+    m = re.fullmatch(r"-(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return datetime.now(UTC) - timedelta(seconds=float(m[1]) * SINCE_UNITS[m[2]])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time or -<n>s|m|h|d: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_describe_events(args: argparse.Namespace) -> int:
+    """Print the file system's event log (JSON lines), from ``--since`` on."""
+    records.load_record(args.file_system_id, "DescribeEvents")
+    path = records.home_dir() / args.file_system_id / "events.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in lines:
+        try:
+            when = datetime.fromisoformat(json.loads(line)["time"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if args.since is None or (when if when.tzinfo else when.replace(tzinfo=UTC)) >= args.since:
+            print(line)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -279,6 +467,48 @@ def build_parser() -> Parser:
 
     p = command("umount", "Unmount a lustrefs mount point.", cmd_umount)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    for name, help_text in zip(
+        HSM_COMMANDS,
+        (
+            "Print the HSM state of files (as lfs hsm_state).",
+            "Print the HSM action in progress on files (as lfs hsm_action).",
+            "Export files to S3 now and wait for it (as lfs hsm_archive).",
+            "Drop the cached data of exported, unchanged files (as lfs hsm_release).",
+            "Fetch the data of released files in the background (as lfs hsm_restore).",
+        ),
+        strict=True,
+    ):
+        p = command(name, help_text, cmd_hsm)
+        p.add_argument("files", nargs="+", metavar="FILE")
+
+    p = command(
+        "create-data-repository-task",
+        "Export, import or release data in the background (the file system must be mounted).",
+        cmd_create_data_repository_task,
+    )
+    p.add_argument("--file-system-id", required=True)
+    p.add_argument("--type", required=True, help=" | ".join(tasks.TYPES))
+    p.add_argument("--paths", nargs="+", metavar="PATH", help="paths in the file system (import: s3:// URIs)")
+    p.add_argument("--report", type=parse_structure, required=True, help="Enabled=true,Path=s3://…,Format=…,Scope=…")
+    p.add_argument("--release-configuration", type=parse_structure, help="JSON: DurationSinceLastAccess")
+    p.add_argument("--tags", nargs="+", type=parse_structure_list_item, help="Key=k,Value=v ... or JSON list")
+    p.add_argument("--wait", action="store_true", help="wait for the end (progress on a terminal's stderr)")
+
+    p = command("describe-data-repository-tasks", "Describe data repository tasks.", cmd_describe_data_repository_tasks)
+    p.add_argument("--task-ids", nargs="+", metavar="ID")
+    p.add_argument("--filters", nargs="+", type=parse_structure_list_item, help="Name=file-system-id,Values=fs-…")
+
+    p = command("cancel-data-repository-task", "Cancel a pending or running task.", cmd_cancel_data_repository_task)
+    p.add_argument("--task-id", required=True)
+
+    p = command("stats", "Show a mount's cache, requests, dirty data and import state.", cmd_stats)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the JSON snapshot")
+
+    p = command("describe-events", "Print a file system's event log (JSON lines).", cmd_describe_events)
+    p.add_argument("--file-system-id", required=True)
+    p.add_argument("--since", type=parse_since, help="ISO 8601 time or a time ago such as -10m, -2h, -1d")
     return parser
 
 

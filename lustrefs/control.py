@@ -45,7 +45,8 @@ MAX_PAGE = 50
 
 # Members of CreateFileSystemLustreConfiguration: the data repository ones are validated, the others are
 # accepted and echoed in the description as given (they have no effect on a local file system).
-REPOSITORY_MEMBERS = ("ImportPath", "ExportPath", "ImportedFileChunkSize", "AutoImportPolicy")
+REPOSITORY_MEMBERS = ("ImportPath", "ExportPath", "ImportedFileChunkSize", "AutoImportPolicy", "AutoExportPolicy")
+EXPORT_EVENTS = ("NEW", "CHANGED", "DELETED")
 ECHOED_LUSTRE_MEMBERS = (
     "PerUnitStorageThroughput",
     "DailyAutomaticBackupStartTime",
@@ -64,7 +65,7 @@ LUSTRE_MEMBERS = frozenset(
     ("WeeklyMaintenanceStartTime", "DeploymentType", *REPOSITORY_MEMBERS, *ECHOED_LUSTRE_MEMBERS)
 )
 IMMUTABLE_MEMBERS = ("ImportPath", "ExportPath", "ImportedFileChunkSize", "DeploymentType")
-UPDATABLE_MEMBERS = ("AutoImportPolicy", "WeeklyMaintenanceStartTime")
+UPDATABLE_MEMBERS = ("AutoImportPolicy", "AutoExportPolicy", "WeeklyMaintenanceStartTime")
 
 S3_ACCESS_MESSAGE = (
     "Amazon FSx is unable to validate access to the S3 bucket. Ensure the IAM role or user you are using "
@@ -173,7 +174,7 @@ def _validate_create(request: dict[str, Any]) -> dict[str, Any]:
         _validate_weekly_time(conf["WeeklyMaintenanceStartTime"], CREATE)
     import_path = conf.get("ImportPath")
     if import_path is None:
-        for member in ("ExportPath", "ImportedFileChunkSize", "AutoImportPolicy"):
+        for member in ("ExportPath", "ImportedFileChunkSize", "AutoImportPolicy", "AutoExportPolicy"):
             if conf.get(member) is not None:
                 raise FsxError("BadRequest", f"{member} can only be specified with ImportPath.", CREATE)
         return conf
@@ -200,6 +201,8 @@ def _validate_create(request: dict[str, Any]) -> dict[str, Any]:
         message = f"ImportedFileChunkSize must be an integer from 1 to {MAX_CHUNK_SIZE} (MiB)."
         raise FsxError("BadRequest", message, CREATE)
     _validate_policy(conf.get("AutoImportPolicy", "NONE"), CREATE)
+    if "AutoExportPolicy" in conf:
+        conf["AutoExportPolicy"] = _validate_export_policy(conf["AutoExportPolicy"], CREATE)
     return conf
 
 
@@ -277,6 +280,7 @@ def _new_record(request: dict[str, Any], conf: dict[str, Any], endpoint_url: str
             "ExportPath": conf.get("ExportPath") or f"s3://{import_url.bucket}/FSxLustre{stamp}",
             "ImportedFileChunkSize": conf.get("ImportedFileChunkSize", DEFAULT_CHUNK_SIZE),
             "AutoImportPolicy": conf.get("AutoImportPolicy", "NONE"),
+            "AutoExportPolicy": conf.get("AutoExportPolicy") or {"Events": list(EXPORT_EVENTS)},
         }
     record: dict[str, Any] = {
         "OwnerId": owner,
@@ -404,6 +408,12 @@ def update_file_system(fs_id: str, lustre_configuration: dict[str, Any]) -> dict
                 raise FsxError("BadRequest", message, UPDATE)
             policy = _validate_policy(lustre_configuration["AutoImportPolicy"], UPDATE)
             repository["AutoImportPolicy"] = policy
+        if "AutoExportPolicy" in lustre_configuration:
+            repository = lustre.get("DataRepositoryConfiguration")
+            if repository is None:
+                message = "AutoExportPolicy can only be set on a file system with an ImportPath."
+                raise FsxError("BadRequest", message, UPDATE)
+            repository["AutoExportPolicy"] = _validate_export_policy(lustre_configuration["AutoExportPolicy"], UPDATE)
         records.save_record(record)
     return {"FileSystem": public_view(record)}
 
@@ -444,6 +454,20 @@ def _validate_policy(value: Any, operation: str) -> str:
             operation,
         )
     return value
+
+
+def _validate_export_policy(value: Any, operation: str) -> dict[str, list[str]]:
+    """``{"Events": [...]}`` with events from NEW, CHANGED, DELETED (the shorthand ``{Events=[NEW,CHANGED]}`` too)."""
+    if isinstance(value, str) and (m := re.fullmatch(r"\{Events=\[([A-Z,]*)\]\}", value.replace(" ", ""))):
+        value = {"Events": [e for e in m[1].split(",") if e]}
+    events = value.get("Events") if isinstance(value, dict) and set(value) == {"Events"} else None
+    if not isinstance(events, list) or len(set(events)) != len(events) or not set(events) <= set(EXPORT_EVENTS):
+        raise FsxError(
+            "BadRequest",
+            f'Invalid AutoExportPolicy {value!r}; use {{"Events": [...]}} with events from {", ".join(EXPORT_EVENTS)}.',
+            operation,
+        )
+    return {"Events": events}
 
 
 def _is_int(value: Any) -> bool:

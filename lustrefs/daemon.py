@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import db, options, records, s3client
+from . import db, options, records, s3client, sdnotify
 from .cache import Cache
 from .control_channel import Control
 from .errors import FsxError
@@ -366,8 +367,7 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     )
     cache = Cache(conn, repo, targets, int(capacity_gib * options.GIB), chunk_size, part_size)
     cache.load()
-    policy = frozenset((repo_conf.get("AutoExportPolicy") or {}).get("Events", EVENTS))
-    writeback = Writeback(ns, cache, repo, events, target, policy, p.opts.export_delay)
+    writeback = Writeback(ns, cache, repo, events, target, export_policy(p.fs_id), p.opts.export_delay)
     ns.on_purge = cache.drop_inode
     ns.on_change = writeback.schedule
     ns.purge_orphans()
@@ -404,7 +404,8 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     report.unlink(missing_ok=True)
     closed = [False]
     try:
-        left = trio.run(_main, ns, cache, writeback, importer, notifier, ready_fd, p.opts.export_timeout, closed)
+        main_args = (ns, cache, writeback, importer, notifier, ready_fd, p.opts.export_timeout, closed, control)
+        left = trio.run(_main, *main_args)
         if left:
             report.write_text(json.dumps([{"path": path, "reason": why} for path, why in left], indent=1))
             for path, why in left:
@@ -425,6 +426,19 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     return 0
 
 
+def export_policy(fs_id: str) -> Callable[[], frozenset[str]]:
+    """The file system's AutoExportPolicy events, read from its record each time (updates apply while mounted)."""
+
+    def events() -> frozenset[str]:
+        try:
+            conf = records.load_record(fs_id)["LustreConfiguration"]["DataRepositoryConfiguration"]
+        except (FsxError, KeyError):
+            return frozenset(EVENTS)
+        return frozenset((conf.get("AutoExportPolicy") or {}).get("Events", EVENTS))
+
+    return events
+
+
 async def _main(
     ns: Namespace,
     cache: Cache,
@@ -434,6 +448,7 @@ async def _main(
     ready_fd: int | None,
     export_timeout: float,
     closed: list[bool],
+    control: Control,
 ) -> list[tuple[str, str]]:
     """Serve until unmounted; then export what is dirty. Returns what could not be exported."""
     async with trio.open_nursery() as nursery:
@@ -442,6 +457,7 @@ async def _main(
         await nursery.start(writeback.run)
         await nursery.start(notifier.run)
         await nursery.start(importer.run)
+        await nursery.start(control.run)
         nursery.start_soon(_housekeeping, cache)
         nursery.start_soon(_signals)
         fuse_done = trio.Event()
@@ -457,7 +473,9 @@ async def _main(
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
+        sdnotify.notify("READY=1")  # systemd Type=notify
         await fuse_done.wait()
+        sdnotify.notify("STOPPING=1")
         pyfuse3.close(unmount=True)  # no process waits on a mount that is no longer served
         closed[0] = True
         log.info("unmounted; exporting %d dirty entries", writeback.queue_length())

@@ -13,6 +13,7 @@ import math
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -69,7 +70,7 @@ class Writeback:
         repo: Repository,
         events: EventLog,
         target: ExportTarget,
-        policy: frozenset[str] = frozenset(EVENTS),
+        policy: Callable[[], frozenset[str]] = lambda: frozenset(EVENTS),
         delay: float = 3.0,
         upload_part: int = 8 * 1024 * 1024,
         parallel_files: int = 4,
@@ -229,7 +230,7 @@ class Writeback:
                 etag = await self.repo.multipart_upload(
                     desired, row["size"], self.upload_part, lambda off, n: self.cache.read(data, off, n), meta
                 )
-        if old_key and old_key != desired and "DELETED" in self.policy:
+        if old_key and old_key != desired and "DELETED" in self.policy():
             await self.repo.delete(old_key)
         self._exported(ino, gen, desired, etag, source, is_dir or stat.S_ISLNK(row["mode"]))
 
@@ -240,7 +241,7 @@ class Writeback:
         if row["size"] > MAX_FILE_SIZE:
             return "FileSizeTooLarge", f"{desired} is larger than 5 TiB; not exported."
         event = "NEW" if old_key is None else "CHANGED"
-        if event not in self.policy:
+        if event not in self.policy():
             return "ExportSkippedByPolicy", f"{desired}: {event} events are not exported (AutoExportPolicy)."
         return None
 
@@ -273,7 +274,7 @@ class Writeback:
         conn = self.ns.conn
         for (key,) in conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns").fetchall():
             live = conn.execute("SELECT 1 FROM inodes WHERE exported_key = ? AND parent != ?", (key, ORPHAN)).fetchone()
-            if not live and "DELETED" in self.policy:
+            if not live and "DELETED" in self.policy():
                 try:
                     await self.repo.delete(key)
                 except RepositoryError as exc:

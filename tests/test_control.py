@@ -108,6 +108,7 @@ def test_create_returns_the_fsx_description(s3: Any) -> None:
         "ImportPath": f"s3://{BUCKET}/data",
         "ExportPath": f"s3://{BUCKET}/export",
         "AutoImportPolicy": "NEW_CHANGED",
+        "AutoExportPolicy": {"Events": ["NEW", "CHANGED", "DELETED"]},
         "ImportedFileChunkSize": 2048,
     }
     assert not [k for k in fs if k.startswith("_")]
@@ -472,3 +473,30 @@ def test_delete_unknown_file_system(s3: Any) -> None:
     with pytest.raises(FsxError) as excinfo:
         control.delete_file_system("fs-00000000000000000")
     assert_error(excinfo, "FileSystemNotFound", "fs-00000000000000000", "DeleteFileSystem")
+
+
+# ---------------------------------------------------------------------------------------------- AutoExportPolicy
+
+
+def test_auto_export_policy_defaults_to_every_event(s3: Any) -> None:
+    repo = create(s3, linked())["LustreConfiguration"]["DataRepositoryConfiguration"]
+    assert repo["AutoExportPolicy"] == {"Events": ["NEW", "CHANGED", "DELETED"]}
+
+
+def test_auto_export_policy_is_set_and_updated(s3: Any) -> None:
+    def policy(fs: dict[str, Any]) -> Any:
+        return fs["LustreConfiguration"]["DataRepositoryConfiguration"]["AutoExportPolicy"]
+
+    fs = create(s3, linked(AutoExportPolicy={"Events": ["NEW", "CHANGED"]}))
+    assert policy(fs) == {"Events": ["NEW", "CHANGED"]}
+    updated = control.update_file_system(fs["FileSystemId"], {"AutoExportPolicy": "{Events=[DELETED]}"})
+    assert policy(updated["FileSystem"]) == {"Events": ["DELETED"]}
+    assert policy(control.describe_file_systems([fs["FileSystemId"]])["FileSystems"][0]) == {"Events": ["DELETED"]}
+
+
+@pytest.mark.parametrize("bad", [{"Events": ["MOVED"]}, {"Events": ["NEW", "NEW"]}, {"Evts": []}, "NEW"])
+def test_auto_export_policy_validation(s3: Any, bad: Any) -> None:
+    with pytest.raises(FsxError) as excinfo:
+        create(s3, linked(AutoExportPolicy=bad))
+    assert_error(excinfo, "BadRequest", "AutoExportPolicy", "CreateFileSystem")
+    assert records.list_records() == []

@@ -258,3 +258,15 @@ def test_unsupported_operations_fail_clearly(s3: Any, bucket: str, mounter: Any)
     assert exc.value.errno == errno.ENOTEMPTY
     sv = os.statvfs(m.path)
     assert sv.f_blocks * sv.f_frsize == 1200 * 1024**3  # total = the cache capacity (StorageCapacity)
+
+
+def test_auto_export_policy_limits_what_is_exported(s3: Any, bucket: str, mounter: Any) -> None:
+    s3.put_object(Bucket=bucket, Key="e/old.txt", Body=b"old")
+    policy = "{Events=[NEW]}"  # the AWS CLI shorthand
+    m = mounter(f"s3://{bucket}/e", options=FAST, ExportPath=f"s3://{bucket}/e", AutoExportPolicy=policy)
+    (m.path / "e/new.txt").write_bytes(b"new")
+    (m.path / "e/old.txt").write_bytes(b"changed locally")  # CHANGED: not exported under this policy
+    wait_for(lambda: head(s3, bucket, "e/new.txt"), 20, "the NEW export")
+    wait_for(lambda: any(e["code"] == "ExportSkippedByPolicy" for e in m.events()), 20, "the skip")
+    assert body(s3, bucket, "e/old.txt") == b"old"
+    assert (m.path / "e/old.txt").read_bytes() == b"changed locally"  # kept, still dirty, never dropped
