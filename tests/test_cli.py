@@ -147,6 +147,7 @@ def test_create_shorthand(s3: Any, run: Any) -> None:
         "ExportPath": f"s3://{BUCKET}/e",
         "AutoImportPolicy": "NEW_CHANGED",
         "ImportedFileChunkSize": 2048,
+        "AutoExportPolicy": {"Events": ["NEW", "CHANGED", "DELETED"]},
     }
     assert not [k for k in fs if k.startswith("_")]
     assert records.load_record(fs["FileSystemId"])["_ClientRequestToken"] == "T1"
