@@ -360,7 +360,8 @@ def format_stats(s: dict[str, Any], mountpoint: str) -> str:
         ("Requests", "  ".join(f"{kind} {n}" for kind, n in s["requests"].items())),
     ]
     if "dirty" in s:
-        rows.append(("Dirty", f"{s['dirty']['entries']} entries, {_size(s['dirty']['bytes'])} not exported"))
+        n = s["dirty"]["entries"]
+        rows.append(("Not exported", f"{n} {'entry' if n == 1 else 'entries'}, {_size(s['dirty']['bytes'])} of data"))
     rows.append(("Export queue", str(s.get("export_queue", 0))))
     if imported.get("last_poll"):
         when = datetime.fromtimestamp(imported["last_poll"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -524,10 +525,21 @@ def _run(func: Callable[[], int], service_exit: int) -> int:
         return EXIT_OTHER_ERROR
 
 
+def _attach_since(argv: Sequence[str]) -> list[str]:
+    """``--since -10m`` as ``--since=-10m``: argparse would take a value starting with '-' for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--since" and arg.startswith("-"):
+            out[-1] = f"--since={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lustrefs`` console script."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_attach_since(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # --help (0) and usage errors (252)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     return _run(lambda: args.func(args), EXIT_SERVICE_ERROR)

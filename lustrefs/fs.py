@@ -199,6 +199,8 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(row["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable and flags & os.O_TRUNC and row["size"]:  # libfuse enables atomic O_TRUNC: it comes here
+            row = self._truncate(inode, 0, {})
         fh = self._new_handle(inode, writable)
         if not writable and not row["dirty"] & DATA:
             self.prefetcher.on_open(row["parent"], inode, lambda n: self._versions_after(row["parent"], inode, n))
@@ -287,15 +289,17 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
-            row = self.ns.get(inode)
-            if not stat.S_ISREG(row["mode"]):
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            self.cache.truncate(self._data(inode), attr.st_size)
-            changes["size"] = attr.st_size
-            changes["mtime_ns"] = changes.get("mtime_ns", time.time_ns())
+            return self._attrs(self._truncate(inode, attr.st_size, changes))
         if not changes:
             return self._attrs(await self.ns.getattr(inode))
         return self._attrs(self.ns.setattr(inode, changes))
+
+    def _truncate(self, inode: int, size: int, changes: dict[str, int]) -> sqlite3.Row:
+        """Set the size of a regular file (and any other ``changes``); data past ``size`` is gone."""
+        if not stat.S_ISREG(self.ns.get(inode)["mode"]):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self.cache.truncate(self._data(inode), size)
+        return self.ns.setattr(inode, {**changes, "size": size, "mtime_ns": changes.get("mtime_ns", time.time_ns())})
 
     @fuse_op
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:

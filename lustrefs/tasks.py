@@ -272,8 +272,11 @@ def _send(mountpoint: str, name: str, value: bytes, operation: str) -> None:
     try:
         os.setxattr(mountpoint, name, value)
     except OSError as exc:
-        message = hsm.daemon_error(mountpoint) or f"the file system daemon refused the request: {exc.strerror}"
-        raise FsxError(ERROR_CODES.get(exc.errno or 0, "BadRequest"), message, operation) from None
+        code, message = ERROR_CODES.get(exc.errno or 0, "BadRequest"), f"The file system daemon refused: {exc.strerror}"
+        detail = hsm.daemon_error(mountpoint)  # "<FSx error code>: <message>"
+        if detail and re.fullmatch(r"[A-Za-z]+", detail.partition(": ")[0]):
+            code, _, message = detail.partition(": ")
+        raise FsxError(code, message, operation) from None
 
 
 def describe_data_repository_tasks(
@@ -481,15 +484,23 @@ class TaskRunner:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run queued tasks, oldest first, until cancelled."""
-        self.recover()
+        try:
+            self.recover()
+        except OSError as exc:
+            log.error("cannot read the data repository tasks of %s: %s", self.fs_id, exc)
         task_status.started()
         while True:
             while not self.queue:
                 self._wake = trio.Event()
                 await self._wake.wait()
             task = load_task(self.fs_id, self.queue.pop(0))
-            if task is not None and task["Lifecycle"] == "PENDING":
+            if task is None or task["Lifecycle"] != "PENDING":
+                continue
+            try:
                 await self._execute(task)
+            except Exception:  # e.g. its record cannot be written: the mount must go on serving
+                log.exception("data repository task %s could not be run", task["TaskId"])
+                self.current = None
 
     def _save(self, task: dict[str, Any], force: bool) -> None:
         task["Status"]["LastUpdatedTime"] = _now()

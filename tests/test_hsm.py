@@ -65,7 +65,7 @@ def test_states_through_import_read_write_and_archive(s3: Any, bucket: str, moun
     assert hsm("hsm_archive", f, new) == (0, "", "")
     assert body(s3, bucket, "exp/d/new.txt") == b"brand new"
     assert body(s3, bucket, "exp/d/imported.bin") == b"changed" + data[7:]
-    rc, out, _ = hsm("hsm_state", f, new)
+    _, out, _ = hsm("hsm_state", f, new)
     assert out.splitlines() == [flags(f, ARCHIVED), flags(new, ARCHIVED)]
 
 

@@ -165,7 +165,7 @@ def test_describe_events_filters_by_time(fs: str) -> None:
         json.dumps({"time": (now - timedelta(hours=h)).strftime("%Y-%m-%dT%H:%M:%SZ"), "code": f"E{h}"})
         for h in (30, 2, 0)
     ]
-    (records.home_dir() / fs / "events.jsonl").write_text("\n".join(lines) + "\n")
+    (records.fs_dir(fs) / "events.jsonl").write_text("\n".join(lines) + "\n")
     rc, out, _ = run_cli("describe-events", "--file-system-id", fs)
     assert (rc, out.splitlines()) == (0, lines)
     assert run_cli("describe-events", "--file-system-id", fs, "--since", "-3h")[1].splitlines() == lines[1:]
@@ -233,7 +233,7 @@ def test_stats_table_and_json(s3: Any, bucket: str, mounter: Any, tmp_path: Path
     table = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines())
     assert table["File system"] == f"{m.fs_id} mounted at {m.path}"
     assert table["Lifecycle"] == "AVAILABLE"
-    assert table["Cache"] == "2.9 KiB used of 1200.0 GiB"
+    assert table["Cache"] == "2.9 KiB used of 1.2 TiB"
     assert table["Hits / misses"] == "0 / 1 parts (0.0% hits)"
     assert table["Not exported"] == "1 entry, 5 B of data"
     assert table["Export queue"] == "1"

@@ -73,9 +73,7 @@ def test_export_task_reports_what_it_cannot_export(s3: Any, bucket: str, mounter
     assert "exp/outside.txt" not in keys(s3, bucket, "exp/")
     failures = s3.get_object(Bucket=bucket, Key=f"exp/reports/{task['TaskId']}/failures.csv")["Body"].read()
     assert failures.decode() == f"{long_file.relative_to(m.path)},failed,PathSizeTooLong\n"
-    assert describe("--filters", f"Name=file-system-id,Values={m.fs_id}", "Name=task-lifecycle,Values=FAILED") == [
-        task
-    ]
+    assert describe("--filters", f"Name=file-system-id,Values={m.fs_id}", "Name=task-lifecycle,Values=FAILED") == [task]
 
 
 def test_cancel_a_running_export_task(s3: Any, bucket: str, mounter: Any) -> None:
@@ -114,7 +112,7 @@ def test_release_task_frees_cache_space(s3: Any, bucket: str, mounter: Any) -> N
     assert task["Status"]["ReleasedCapacity"] == 4 * MIB
     assert (task["Status"]["TotalCount"], task["Status"]["SucceededCount"]) == (2, 2)
     assert m.stats()["cache"]["used"] == used - 4 * MIB
-    rc, out, _ = run_cli("hsm_state", str(m.path / "data/a.bin"), str(m.path / "keep/c.bin"))
+    _, out, _ = run_cli("hsm_state", str(m.path / "data/a.bin"), str(m.path / "keep/c.bin"))
     assert [line.split(": ", 1)[1] for line in out.splitlines()] == [
         "(0x0000000d) released exists archived, archive_id:1",
         "(0x00000009) exists archived, archive_id:1",
