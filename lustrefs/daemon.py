@@ -253,7 +253,7 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
     if state is None:
         return 0
     deadline = time.monotonic() + timeout
-    while _alive(int(state["pid"])):
+    while records.process_alive(int(state["pid"])):
         if time.monotonic() > deadline:
             print(f"lustrefs umount: daemon {state['pid']} still running after {timeout:.0f}s", file=sys.stderr)
             return 1
@@ -270,20 +270,6 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
             print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
         return 2
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------- the daemon

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from . import records
 from .locals3 import (
     SAMPLE_BAD_KEY,
     SAMPLE_BIG_FILES,
@@ -93,16 +94,6 @@ def _unescape_mountinfo(field: str) -> str:
     for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
         field = field.replace(code, char)
     return field
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -415,7 +406,7 @@ class Demo:
                 if b"lustrefs.daemon" in argv and self.fs_id.encode() in argv:
                     pids.add(int(proc.name))
         pids.discard(os.getpid())
-        return {p for p in pids if _pid_alive(p)}
+        return {p for p in pids if records.process_alive(p)}
 
     def wait_for_daemon(self) -> bool:
         """Wait for the mount daemon to exit after the unmount; terminate it if it does not."""
@@ -425,7 +416,7 @@ class Demo:
         deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
         while pids and time.monotonic() < deadline:
             time.sleep(0.1)  # polling the daemon's exit: it is not our child, so it cannot be waited for
-            pids = {p for p in pids if _pid_alive(p)}
+            pids = {p for p in pids if records.process_alive(p)}
         if not pids:
             return True
         say(f"warning: the mount daemon ({', '.join(map(str, sorted(pids)))}) is still running; terminating it")
@@ -436,7 +427,7 @@ class Demo:
             deadline = time.monotonic() + 5.0
             while pids and time.monotonic() < deadline:
                 time.sleep(0.1)
-                pids = {p for p in pids if _pid_alive(p)}
+                pids = {p for p in pids if records.process_alive(p)}
             if not pids:
                 break
         return False

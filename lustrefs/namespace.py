@@ -421,17 +421,7 @@ class Namespace:
                 if stat.S_ISDIR(existing["mode"]):
                     self._type_mismatch(obj.key)
                 continue
-            ino = self._insert(
-                parent,
-                name,
-                stat.S_IFREG | self.defaults.file_mode,
-                obj.key,
-                size=obj.size,
-                mtime_ns=obj.mtime_ns,
-                etag=obj.etag,
-                meta_etag=None if self.posix_metadata else obj.etag,
-            )
-            self._queue_head(ino)
+            self.add_imported_file(parent, name, obj)
 
     def _add_dir(self, parent: int, name: str, key: str) -> None:
         meta = None if self.posix_metadata else IMPLIED

@@ -84,16 +84,24 @@ def delete_record(fs_id: str) -> None:
     _record_path(fs_id).unlink(missing_ok=True)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (an exited, unreaped one does not count)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z"
+
+
 def mount_state(fs_id: str) -> dict[str, Any] | None:
     """``{"pid", "mountpoint"}`` of the live daemon serving ``fs_id``, or None (stale files are ignored)."""
     path = home_dir() / fs_id / "mount.json"
     try:
         state = json.loads(path.read_text())
-        proc = Path(f"/proc/{int(state['pid'])}")
-        stat_fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        cmdline = (proc / "cmdline").read_bytes()
-    except (OSError, ValueError, KeyError, IndexError):
+        pid = int(state["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError):
         return None
-    if stat_fields[0] == "Z" or fs_id.encode() not in cmdline:  # exited (unreaped), or the PID was reused
+    if not process_alive(pid) or fs_id.encode() not in cmdline:  # exited (unreaped), or the PID was reused
         return None
     return state

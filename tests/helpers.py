@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ os.environ.update(
     AWS_SHARED_CREDENTIALS_FILE="/dev/null",
 )
 
+import pytest  # noqa: E402
+from moto import mock_aws  # noqa: E402
 from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.s3.models import s3_backends  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
@@ -134,7 +136,7 @@ class Mounted:
         res = subprocess.run([LUSTREFS, "umount", str(self.path)], capture_output=True, text=True, timeout=150)
         assert res.returncode == 0, res.stderr
         assert not os.path.ismount(self.path)
-        assert not _alive(self.pid)
+        assert not records.process_alive(self.pid)
 
     def cleanup(self) -> None:
         """Best-effort teardown: unmount (lazily if busy) and stop the daemon by its PID."""
@@ -143,18 +145,10 @@ class Mounted:
             if res.returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True, timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(self.pid) and time.monotonic() < deadline:
+        while records.process_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(self.pid):
+        if records.process_alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
 
 
 def mount_fs(fs_id: str, path: Path, options: str = "") -> tuple[subprocess.CompletedProcess[str], Mounted | None]:
@@ -164,3 +158,18 @@ def mount_fs(fs_id: str, path: Path, options: str = "") -> tuple[subprocess.Comp
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     state = records.mount_state(fs_id)
     return res, (Mounted(fs_id, path, int(state["pid"])) if res.returncode == 0 and state else None)
+
+
+@contextlib.contextmanager
+def in_process_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto in this process (no endpoint), an isolated LUSTREFS_HOME and no AWS configuration from outside."""
+    monkeypatch.setenv("LUSTREFS_HOME", str(tmp_path / "home"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION", "AWS_ACCOUNT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with mock_aws():
+        yield s3client.make_client()

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto import mock_aws
+from helpers import in_process_moto
 
 import lustrefs
 from lustrefs import cli, records
 from lustrefs.errors import FsxError
-from lustrefs.s3client import make_client
 
 BUCKET = "cli-bucket"
 CREATE = ["create-file-system", "--file-system-type", "LUSTRE", "--storage-capacity", "1200"]
@@ -27,16 +26,7 @@ ERROR_PREFIX = "\nAn error occurred ({code}) when calling the {op} operation: "
 @pytest.fixture
 def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An isolated LUSTREFS_HOME and a moto S3 holding BUCKET with one object."""
-    monkeypatch.setenv("LUSTREFS_HOME", str(tmp_path / "home"))
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION", "AWS_ACCOUNT_ID"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        client = make_client()
+    with in_process_moto(tmp_path, monkeypatch) as client:
         client.create_bucket(Bucket=BUCKET)
         client.put_object(Bucket=BUCKET, Key="data/a.txt", Body=b"payload")
         yield client

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from botocore.stub import Stubber
-from moto import mock_aws
+from helpers import in_process_moto
 
 from lustrefs import control, records
 from lustrefs.errors import FsxError
@@ -27,16 +27,7 @@ FS_ID = re.compile(r"^fs-[0-9a-f]{17}$")
 @pytest.fixture
 def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An isolated LUSTREFS_HOME and a moto S3 holding BUCKET with two objects under ``data/``."""
-    monkeypatch.setenv("LUSTREFS_HOME", str(tmp_path / "home"))
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION", "AWS_ACCOUNT_ID"):
-        monkeypatch.delenv(name, raising=False)
-    with mock_aws():
-        client = make_client()
+    with in_process_moto(tmp_path, monkeypatch) as client:
         client.create_bucket(Bucket=BUCKET)
         client.create_bucket(Bucket="other-bucket")
         for key in ("data/a.txt", "data/sub/b.txt"):

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from lustrefs import records
 from lustrefs.locals3 import (
     SAMPLE_BAD_KEY,
     SAMPLE_BIG_FILES,
@@ -24,16 +25,6 @@ from lustrefs.locals3 import (
     ensure_test_credentials,
     populate_sample,
 )
-
-
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def port_refuses(port: int) -> bool:
@@ -71,7 +62,7 @@ def bucket(s3: Any) -> str:
 
 def test_start_answers_on_localhost(server: LocalS3) -> None:
     assert server.endpoint_url == f"http://127.0.0.1:{server.port}"
-    assert server.running and server.pid is not None and pid_exists(server.pid)
+    assert server.running and server.pid is not None and records.process_alive(server.pid)
     cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
     assert b"moto.server" in cmdline and b"127.0.0.1" in cmdline and str(server.port).encode() in cmdline
     assert "Buckets" in server.client().list_buckets()
@@ -134,9 +125,9 @@ def test_posix_metadata_present(s3: Any, bucket: str) -> None:
 def test_stop_leaves_no_process() -> None:
     srv = LocalS3().start()
     pid, port, log = srv.pid, srv.port, srv.log_path
-    assert pid is not None and pid_exists(pid) and log is not None and log.exists()
+    assert pid is not None and records.process_alive(pid) and log is not None and log.exists()
     srv.stop()
-    assert not pid_exists(pid)
+    assert not records.process_alive(pid)
     assert srv.pid is None and not srv.running
     assert port_refuses(port)
     assert not log.exists()  # the default temporary log is removed
@@ -149,7 +140,7 @@ def test_context_manager_stops_on_exit(tmp_path: Path) -> None:
         pid = srv.pid
         assert pid is not None
         srv.client().create_bucket(Bucket="ctx-bucket")
-    assert not pid_exists(pid) and port_refuses(srv.port)
+    assert not records.process_alive(pid) and port_refuses(srv.port)
     assert "PUT /ctx-bucket" in log.read_text()  # a caller's log file is kept
 
 
@@ -161,7 +152,7 @@ def test_restart_keeps_endpoint_and_answers_again() -> None:
         srv.restart()
         assert srv.endpoint_url == url
         assert srv.pid is not None and srv.pid != old_pid
-        assert old_pid is not None and not pid_exists(old_pid)
+        assert old_pid is not None and not records.process_alive(old_pid)
         # The same client object reaches the new server; moto's data did not survive the restart.
         assert s3.list_buckets()["Buckets"] == []
         s3.create_bucket(Bucket="after-restart")
