@@ -270,3 +270,18 @@ def test_auto_export_policy_limits_what_is_exported(s3: Any, bucket: str, mounte
     wait_for(lambda: any(e["code"] == "ExportSkippedByPolicy" for e in m.events()), 20, "the skip")
     assert body(s3, bucket, "e/old.txt") == b"old"
     assert (m.path / "e/old.txt").read_bytes() == b"changed locally"  # kept, still dirty, never dropped
+
+
+def test_exports_follow_the_bucket_encryption_or_a_kms_key(s3: Any, bucket: str, mounter: Any) -> None:
+    rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [rule]})
+    plain = mounter(f"s3://{bucket}/a", options=FAST, ExportPath=f"s3://{bucket}/a")
+    (plain.path / "a").mkdir()
+    (plain.path / "a/default.txt").write_bytes(b"d")
+    h = wait_for(lambda: head(s3, bucket, "a/default.txt"), 20, "the export")
+    assert h["ServerSideEncryption"] == "AES256"  # the bucket's default: lustrefs sends no SSE header
+    kms = mounter(f"s3://{bucket}/k", options=f"{FAST},sse_kms_key_id=alias/lustrefs-test", ExportPath=f"s3://{bucket}/k")
+    (kms.path / "k").mkdir()
+    (kms.path / "k/kms.txt").write_bytes(b"k")
+    h = wait_for(lambda: head(s3, bucket, "k/kms.txt"), 20, "the KMS export")
+    assert h["ServerSideEncryption"] == "aws:kms" and h["SSEKMSKeyId"].endswith("alias/lustrefs-test")
