@@ -180,6 +180,8 @@ def _start_daemon(p: MountPlan) -> int:
         proc.terminate()
         print(f"lustrefs mount: {p.mountpoint} did not answer, unmounted it; see {logfile}", file=sys.stderr)
         return MOUNT_FAILURE
+    if p.opts.kernel_read_ahead_kib:  # after the first answer: the kernel resets it when FUSE starts
+        tune_kernel(p.mountpoint, p.opts.kernel_read_ahead_kib, max_background=64)
     return 0
 
 
@@ -468,6 +470,30 @@ async def _main(
         left = await writeback.flush(export_timeout)
         nursery.cancel_scope.cancel()
     return left
+
+
+def tune_kernel(mountpoint: str, read_ahead_kib: int, max_background: int) -> None:
+    """Raise the kernel's read-ahead and FUSE background-request limit for this mount (root only).
+
+    The defaults (128 KiB read-ahead, 12 background requests) keep a sequential reader to one small request
+    at a time; larger values let the kernel ask for several reads ahead in parallel. Failures are harmless.
+    """
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+                device = fields[2]  # "major:minor"
+    if device is None:
+        return
+    for path, value in (
+        (f"/sys/class/bdi/{device}/read_ahead_kb", read_ahead_kib),
+        (f"/sys/fs/fuse/connections/{device.split(':')[1]}/max_background", max_background),
+    ):
+        try:
+            Path(path).write_text(str(value))
+        except OSError as exc:
+            log.debug("cannot set %s: %s", path, exc)
 
 
 async def _housekeeping(cache: Cache) -> None:

@@ -33,6 +33,7 @@ class MountOptions:
     attr_timeout: float = 60.0  # seconds the kernel may cache attributes and entries
     negative_timeout: float = 5.0  # seconds the kernel may cache the absence of a name
     read_ahead_mib: int = 64  # largest read-ahead window of a sequential reader
+    kernel_read_ahead_kib: int = 16384  # the kernel's read-ahead for this mount (root only; 0 leaves it alone)
     part_size_mib: int = 1  # unit of fetching and of cache presence within a chunk
     max_connections: int = 16  # S3 connection budget of the whole mount
     poll_interval: float = 60.0  # seconds between two polls of S3 for the AutoImportPolicy
@@ -107,6 +108,8 @@ def parse_options(text: str | None) -> MountOptions:
             opts.export_delay = _float(name, value) if value not in ("0", "0.0") else 0.0
         elif name == "sse_kms_key_id":
             opts.sse_kms_key_id = value
+        elif name == "kernel_read_ahead":
+            opts.kernel_read_ahead_kib = _int(name, value, high=1024 * 1024)
         elif name == "read_ahead":
             opts.read_ahead_mib = _int(name, value, low=1, high=1024)
         elif name == "part_size":
@@ -136,8 +139,8 @@ def to_string(opts: MountOptions) -> str:
             out.append(f"{f.name}={value:o}")
         elif f.name == "posix_metadata":
             out.append(f"posix_metadata={'on' if value else 'off'}")
-        elif f.name in ("part_size_mib", "read_ahead_mib"):
-            out.append(f"{f.name.removesuffix('_mib')}={value}")
+        elif f.name in ("part_size_mib", "read_ahead_mib", "kernel_read_ahead_kib"):
+            out.append(f"{f.name.removesuffix('_mib').removesuffix('_kib')}={value}")
         else:
             out.append(f"{f.name}={value}")
     return ",".join(out)
