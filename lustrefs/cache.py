@@ -29,6 +29,7 @@ from .repository import Repository, RepositoryError
 log = logging.getLogger(__name__)
 
 PartKey = tuple[int, str, int]  # (ino, etag, part index)
+SMALL_READ = 128 * 1024  # reads up to this size into an absent part get their own exact GET
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class CacheStats:
     misses: int = 0  # parts that had to be fetched
     bytes_fetched: int = 0
     evictions: int = 0
+    direct_reads: int = 0  # small reads answered by their own GET while their part was fetched
 
 
 class Cache:
@@ -104,6 +106,7 @@ class Cache:
         self.max_get = max_get  # bytes one ranged GET may cover (several parts)
         self._disk = trio.CapacityLimiter(4)
         self._nursery: trio.Nursery | None = None
+        self._reserved = 0  # bytes of fetches in flight
 
     # ----------------------------------------------------------------------------------------- layout
 
@@ -154,6 +157,8 @@ class Cache:
         end = min(off + length, f.size)
         if off >= end:
             return b""
+        if f.source is not None and end - off > SMALL_READ:
+            self.prefetch(f.source, off, min(end, f.source.size))  # concurrent runs, not one part at a time
         out = bytearray()
         pos = off
         for p in self._parts_of(off, end):
@@ -176,9 +181,18 @@ class Cache:
         if off >= end:
             return b""
         keys = [(obj.ino, obj.etag, p) for p in self._parts_of(off, end)]
+        nobody_has_it = all(k not in self._lru and k not in self._fetches for k in keys)
+        if self._nursery is not None and end - off <= SMALL_READ and nobody_has_it:
+            # A small read nobody is fetching yet: answer it with its own small GET now (first-byte
+            # latency) and bring the whole part into the cache in the background.
+            self.prefetch(obj, off, end)
+            self.stats.misses += len(keys)
+            self.stats.direct_reads += 1
+            return await self.repo.get_range(obj.key, obj.etag, off, end)
         with self._pinned(keys):
             missing = [k for k in keys if k not in self._lru]
             self.stats.hits += len(keys) - len(missing)
+            self.stats.misses += len(missing)
             if missing:
                 await self._ensure(obj, [k[2] for k in missing])
             out = bytearray()
@@ -269,10 +283,13 @@ class Cache:
         try:
             start = run[0] * self.part_size
             end = min((run[-1] + 1) * self.part_size, obj.size)
-            data = await self.repo.get_range(obj.key, obj.etag, start, end)
-            self.stats.misses += len(run)
+            self._make_room(end - start)
+            self._reserved += end - start  # counted while in flight, so concurrent fetches cannot overfill
+            try:
+                data = await self.repo.get_range(obj.key, obj.etag, start, end)
+            finally:
+                self._reserved -= end - start
             self.stats.bytes_fetched += len(data)
-            self._make_room(len(data))
             pieces = [
                 (self.path_of(k), data[i * self.part_size : (i + 1) * self.part_size]) for i, k in enumerate(keys)
             ]
@@ -360,7 +377,8 @@ class Cache:
     def adopt(self, ino: int, old: ObjectVersion | None, new: ObjectVersion) -> None:
         """After an export: whole local parts, and old clean parts still valid, become clean parts of ``new``."""
         with db.transaction(self.conn):
-            for key in [k for k in self._lru if k[0] == ino and k[1] in (LOCAL, old.etag if old else LOCAL)]:
+            keys = [k for k in self._lru if k[0] == ino and k[1] in (LOCAL, old.etag if old else LOCAL)]
+            for key in sorted(keys, key=lambda k: k[1] != LOCAL):  # local data first: it is the newer data
                 p = key[2]
                 whole = min(self.part_size, new.size - p * self.part_size)
                 valid = key[1] == LOCAL or (old is not None and (p + 1) * self.part_size <= old.size)
@@ -454,7 +472,7 @@ class Cache:
 
     def _make_room(self, size: int) -> None:
         """Evict least-recently-used unpinned parts until ``size`` more bytes fit (or nothing more can go)."""
-        victims, excess = [], self.used + size - self.capacity
+        victims, excess = [], self.used + self._reserved + size - self.capacity
         for key, part_size in self._lru.items():
             if excess <= 0:
                 break

@@ -254,6 +254,7 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         return 1
     if state is None:
         return 0
+    timeout = max(timeout, float(state.get("export_timeout", 0)) + 60)  # the daemon exports before it exits
     deadline = time.monotonic() + timeout
     while records.process_alive(int(state["pid"])):
         if time.monotonic() > deadline:
@@ -386,7 +387,9 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         log.error("cannot mount %s: %s", p.mountpoint, exc)
         return MOUNT_FAILURE
     state_file = home / "mount.json"
-    state_file.write_text(json.dumps({"pid": os.getpid(), "mountpoint": p.mountpoint}))
+    state_file.write_text(
+        json.dumps({"pid": os.getpid(), "mountpoint": p.mountpoint, "export_timeout": p.opts.export_timeout})
+    )
     log.info("mounted %s (s3://%s/%s) at %s", p.fs_id, p.bucket, p.import_prefix, p.mountpoint)
     report = home / "unexported.json"
     report.unlink(missing_ok=True)

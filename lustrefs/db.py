@@ -6,9 +6,12 @@ Only the trio thread touches the connection (the one-owner rule); no worker thre
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 
@@ -82,9 +85,23 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    version = _version(conn)
+    if version is not None and version < SCHEMA_VERSION:
+        # Version 1 was read-only: it holds nothing that S3 cannot give again. Rebuild it.
+        log.warning("state database %s is from schema version %d: rebuilding it from S3", path, version)
+        conn.executescript("DROP TABLE IF EXISTS inodes; DROP TABLE IF EXISTS cache_parts; DELETE FROM settings;")
+    elif version is not None and version > SCHEMA_VERSION:
+        raise RuntimeError(f"{path} was written by a newer lustrefs (schema {version}); upgrade lustrefs")
     conn.executescript(SCHEMA)
     conn.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     return conn
+
+
+def _version(conn: sqlite3.Connection) -> int | None:
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'settings'").fetchone():
+        return None
+    row = conn.execute("SELECT value FROM settings WHERE name = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ class _Handle:
 
 
 class Operations(pyfuse3.Operations):
-    """pyfuse3 operations of a read-only lustrefs mount."""
+    """pyfuse3 operations of a lustrefs mount."""
 
     def __init__(
         self,
@@ -244,6 +244,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         ino = self._handles[fh].ino
+        self.ns.writing(ino)
         await self.cache.write(self._data(ino), off, buf)
         self.ns.wrote(ino, off + len(buf))
         return len(buf)

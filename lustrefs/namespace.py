@@ -507,7 +507,7 @@ class Namespace:
         mtime = pm.mtime_ns if pm.mtime_ns is not None else (row["mtime_ns"] if is_dir else info.mtime_ns)
         self.conn.execute(
             "UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
-            " meta_etag = ?, ctime_ns = ?, src_limit = size WHERE ino = ?",
+            " meta_etag = ?, ctime_ns = ?, src_limit = ? WHERE ino = ?",
             (
                 mode,
                 pm.uid if pm.uid is not None else row["uid"],
@@ -518,6 +518,7 @@ class Namespace:
                 None if is_dir else info.etag,
                 info.etag,
                 time.time_ns(),
+                0 if is_dir else info.size,
                 row["ino"],
             ),
         )
@@ -549,8 +550,7 @@ class Namespace:
         self, parent: int, name: str, mode: int, owner: tuple[int, int], target: str | None = None
     ) -> sqlite3.Row:
         """A new file, directory or symlink (``target``); owned by ``owner``, setgid directories honoured."""
-        if problem := paths.name_problem(name):
-            raise OSError(errno.EINVAL, problem)
+        _check_new_name(name)
         dir_row = await self._writable_dir(parent)
         if self._child(parent, name) is not None:
             raise FileExistsError(name)
@@ -617,8 +617,7 @@ class Namespace:
 
     async def rename(self, parent: int, name: str, new_parent: int, new_name: str, noreplace: bool) -> None:
         """Move an entry; a directory's whole subtree is loaded first, and every entry in it re-exported."""
-        if problem := paths.name_problem(new_name):
-            raise OSError(errno.EINVAL, problem)
+        _check_new_name(new_name)
         await self._writable_dir(parent)
         await self._writable_dir(new_parent)
         row = self._child(parent, name)
@@ -686,13 +685,16 @@ class Namespace:
             self.mark_dirty(ino, flags)
         return self.get(ino)
 
-    def wrote(self, ino: int, end: int) -> None:
-        """Data was written up to ``end``: size, mtime and dirty state (exported after close)."""
-        now = time.time_ns()
+    def writing(self, ino: int) -> None:
+        """Data is about to be written: the file is dirty (its local parts authoritative) from now on."""
         row = self.conn.execute("SELECT dirty FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is not None and not row[0] & DATA:
             with db.transaction(self.conn):
                 self.mark_dirty(ino, DATA, delay=math.inf)
+
+    def wrote(self, ino: int, end: int) -> None:
+        """Data was written up to ``end``: size and mtime (the export follows the last close)."""
+        now = time.time_ns()
         self.conn.execute(
             "UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, data_gen = data_gen + 1 WHERE ino = ?",
             (end, now, now, ino),
@@ -756,3 +758,10 @@ class Namespace:
             (ORPHAN, f"#{row['ino']}", row["ino"]),
         )
         self._purge_if_unused(row["ino"])
+
+
+def _check_new_name(name: str) -> None:
+    if len(os.fsencode(name)) > paths.NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, name)
+    if problem := paths.name_problem(name):
+        raise OSError(errno.EINVAL, problem)

@@ -22,6 +22,7 @@ def snapshot(ns: Namespace, cache: Cache) -> dict[str, Any]:
             "misses": cache.stats.misses,
             "bytes_fetched": cache.stats.bytes_fetched,
             "evictions": cache.stats.evictions,
+            "direct_reads": cache.stats.direct_reads,
         },
         "inodes": ns.count(),
     }

@@ -106,8 +106,7 @@ class Writeback:
             self.s.writers[ino] = left
             return
         self.s.writers.pop(ino, None)
-        if ino in self.s.due:
-            self.schedule(ino, self.delay)
+        self.schedule(ino, self.delay)  # export() returns at once if nothing is dirty
 
     def queue_length(self) -> int:
         return len(self.s.due) + len(self.s.running)
@@ -127,34 +126,35 @@ class Writeback:
                     nursery.start_soon(self._export_one, ino)
                 wait = min(self.s.due.values(), default=math.inf) - now
                 if self.ns.conn.execute("SELECT 1 FROM pending_deletes LIMIT 1").fetchone():
-                    wait = min(wait, max(self._delete_backoff, 0.05))
+                    wait = min(wait, max(self._delete_backoff - now, 0.05))
                 with trio.move_on_after(max(wait, 0.0) if wait != math.inf else math.inf):
                     await self._wake.wait()
                 self._wake = trio.Event()
 
     async def flush(self, timeout: float) -> list[tuple[str, str]]:
-        """Export everything dirty now (at unmount); returns (path, reason) of what could not be exported."""
+        """Export everything dirty now (at unmount); returns (path, reason) of what is still not exported."""
         deadline = time.monotonic() + timeout
         last_report = 0.0
+        self.s.writers.clear()
         while time.monotonic() < deadline:
-            for (ino,) in self.ns.conn.execute("SELECT ino FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,)):
-                if ino not in self.s.running and self.s.given_up.get(ino) is None:
+            waiting = self._left(include_refused=False)
+            if not waiting:
+                break
+            for ino in waiting:
+                if ino and ino not in self.s.running:
                     self.s.due[ino] = 0.0
-            self.s.writers.clear()
             self._delete_backoff = 0.0
             self._wake.set()
-            left = self._left()
-            if not left:
-                break
             if time.monotonic() - last_report > 5:
-                log.info("unmount: %d entries still to export", len(left))
+                log.info("unmount: %d entries still to export", len(waiting))
                 last_report = time.monotonic()
             await trio.sleep(0.05)
         return [(self._path(ino), self.s.errors.get(ino, "not exported in time")) for ino in self._left()]
 
-    def _left(self) -> list[int]:
+    def _left(self, include_refused: bool = True) -> list[int]:
+        """Dirty entries (0 for pending deletions); without those refused at their current version."""
         rows = self.ns.conn.execute("SELECT ino, data_gen FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,))
-        left = [ino for ino, gen in rows if self.s.given_up.get(ino) != gen]
+        left = [ino for ino, gen in rows if include_refused or self.s.given_up.get(ino) != gen]
         if self.ns.conn.execute("SELECT 1 FROM pending_deletes LIMIT 1").fetchone():
             left.append(0)
         return left
@@ -186,6 +186,10 @@ class Writeback:
             self.s.due.setdefault(ino, time.monotonic() + min(2.0**n, 60.0))
         except NoEntry:
             pass
+        except Exception as exc:
+            log.exception("export of inode %d failed", ino)
+            self.s.errors[ino] = f"InternalError: {exc}"
+            self.s.due.setdefault(ino, time.monotonic() + 60.0)
         finally:
             self.s.running.discard(ino)
             self._wake.set()
@@ -232,7 +236,7 @@ class Writeback:
                 )
         if old_key and old_key != desired and "DELETED" in self.policy():
             await self.repo.delete(old_key)
-        self._exported(ino, gen, desired, etag, source, is_dir or stat.S_ISLNK(row["mode"]))
+        self._exported(ino, gen, desired, etag, source, row["size"], is_dir or stat.S_ISLNK(row["mode"]))
 
     def _refusal(self, row: sqlite3.Row, desired: str, old_key: str | None) -> tuple[str, str] | None:
         """Why this entry is not exported (FSx's codes), or None."""
@@ -245,10 +249,17 @@ class Writeback:
             return "ExportSkippedByPolicy", f"{desired}: {event} events are not exported (AutoExportPolicy)."
         return None
 
-    def _exported(self, ino: int, gen: int, key: str, etag: str, source: ObjectVersion | None, no_data: bool) -> None:
-        """Record a finished export; the entry is clean unless it changed meanwhile."""
+    def _exported(
+        self, ino: int, gen: int, key: str, etag: str, source: ObjectVersion | None, size: int, no_data: bool
+    ) -> None:
+        """Record a finished export of ``size`` bytes; the entry is clean unless it changed meanwhile.
+
+        For a file, the new object becomes its clean data either way (an export to the same key replaced the
+        old version): bytes changed during the upload are in local parts, which stay authoritative.
+        """
         row = self.ns.get(ino)
         conn = self.ns.conn
+        unchanged = row["data_gen"] == gen
         with db.transaction(conn):
             if row["parent"] == ORPHAN:  # removed while it was being exported: remove the new object too
                 conn.execute(
@@ -256,16 +267,23 @@ class Writeback:
                 )
                 return
             conn.execute("UPDATE inodes SET exported_key = ? WHERE ino = ?", (key, ino))
-            if row["data_gen"] != gen:
-                self.s.due.setdefault(ino, time.monotonic() + (0 if ino not in self.s.writers else math.inf))
-                return
-            conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
             if not no_data:
-                conn.execute("UPDATE inodes SET key = ?, etag = ?, src_limit = size WHERE ino = ?", (key, etag, ino))
-            if self.target.base == "" and not key.endswith("/"):  # the object at this path is now this export
-                conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (etag, ino))
-        if not no_data:
-            self.cache.adopt(ino, source, ObjectVersion(ino, key, etag, row["size"]))
+                limit = size if unchanged else min(size, row["src_limit"])
+                conn.execute(
+                    "UPDATE inodes SET key = ?, etag = ?, src_limit = ? WHERE ino = ?", (key, etag, limit, ino)
+                )
+                if self.target.base == "":  # the object at this path is now this export
+                    conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (etag, ino))
+            if unchanged:
+                conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
+            else:
+                self.s.due.setdefault(ino, time.monotonic() + (0 if ino not in self.s.writers else math.inf))
+        if no_data:
+            return
+        if unchanged:
+            self.cache.adopt(ino, source, ObjectVersion(ino, key, etag, size))
+        elif source is not None and source.etag != etag:
+            self.cache.drop_version(ino, source.etag)
 
     async def _delete_pending(self) -> None:
         """Delete the objects of removed entries, unless a live entry has been exported to the same key."""

@@ -285,3 +285,21 @@ def test_exports_follow_the_bucket_encryption_or_a_kms_key(s3: Any, bucket: str,
     (kms.path / "k/kms.txt").write_bytes(b"k")
     h = wait_for(lambda: head(s3, bucket, "k/kms.txt"), 20, "the KMS export")
     assert h["ServerSideEncryption"] == "aws:kms" and h["SSEKMSKeyId"].endswith("alias/lustrefs-test")
+
+
+def test_reads_after_an_export_see_the_written_data(s3: Any, bucket: str, mounter: Any) -> None:
+    data = bytearray(random.Random(7).randbytes(2 * MIB))
+    s3.put_object(Bucket=bucket, Key="r/f.bin", Body=bytes(data))
+    m = mounter(f"s3://{bucket}/r", options=FAST, ExportPath=f"s3://{bucket}/r")
+    assert (m.path / "r/f.bin").read_bytes() == data  # clean parts cached first
+    old_etag = head(s3, bucket, "r/f.bin")["ETag"]
+    with open(m.path / "r/f.bin", "r+b") as f:
+        f.seek(10)
+        f.write(b"NEW DATA")
+    data[10:18] = b"NEW DATA"
+    wait_for(lambda: head(s3, bucket, "r/f.bin")["ETag"] != old_etag, 30, "the export")
+    wait_for(lambda: m.stats()["export_queue"] == 0, 30, "the export to be recorded")
+    with open(m.path / "r/f.bin", "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read from the cache, not the page cache
+        assert f.read() == data
+    assert body(s3, bucket, "r/f.bin") == data
