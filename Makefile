@@ -35,10 +35,14 @@ test: deps
 lint: deps
 	$(VENV)/bin/ruff check lustrefs tests benchmarks
 
-# Puts the mount(8) helper on the sbin path so that `mount -t lustrefs FS_ID /mnt` works.
+# Puts the mount(8) helper on the sbin path (`mount -t lustrefs FS_ID /mnt`, fstab lines), the CLI on the PATH,
+# and the systemd unit lustrefs@.service (instance = file system id; /etc/lustrefs/<id>.env gives MOUNTPOINT=).
 install: deps
 	ln -sf $(abspath $(VENV))/bin/mount.lustrefs $(SBIN)/mount.lustrefs
 	ln -sf $(abspath $(VENV))/bin/lustrefs /usr/local/bin/lustrefs
+	install -d -m 0755 /etc/systemd/system /etc/lustrefs
+	install -m 0644 systemd/lustrefs@.service /etc/systemd/system/lustrefs@.service
+	install -m 0644 systemd/lustrefs.env.example /etc/lustrefs/lustrefs.env.example
 
 bench: deps
 	$(PY) -m benchmarks $(BENCH_ARGS)

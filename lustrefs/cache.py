@@ -381,7 +381,7 @@ class Cache:
             for key in sorted(keys, key=lambda k: k[1] != LOCAL):  # local data first: it is the newer data
                 p = key[2]
                 whole = min(self.part_size, new.size - p * self.part_size)
-                valid = key[1] == LOCAL or (old is not None and (p + 1) * self.part_size <= old.size)
+                valid = key[1] == LOCAL or (old is not None and p * self.part_size + self._lru[key] <= old.size)
                 target = (ino, new.etag, p)
                 if valid and whole > 0 and self._lru[key] == whole and target not in self._lru:
                     os.replace(self.path_of(key), self.path_of(target))

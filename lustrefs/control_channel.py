@@ -48,7 +48,7 @@ class Control:
         self.writeback = writeback
         self.importer = importer
         self.hsm = Hsm(ns, cache, writeback)
-        self.tasks = TaskRunner(ns, cache, writeback, self.hsm, importer)
+        self.tasks = TaskRunner(ns, writeback, self.hsm, importer)
         self.errors: cachetools.LRUCache[int, str] = cachetools.LRUCache(maxsize=10_000)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

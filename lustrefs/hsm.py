@@ -114,7 +114,7 @@ async def export_now(ns: Namespace, writeback: Writeback, ino: int) -> Failure |
             return None
         writeback.s.running.add(ino)  # keeps the exporter's own scheduling off this entry meanwhile
         try:
-            await writeback.export(ino)
+            await writeback.export(ino, explicit=True)
         except NoEntry:
             return None
         except RepositoryError as exc:
@@ -171,8 +171,8 @@ class Hsm:
             return {"action": "ARCHIVE", "state": "running", "bytes": 0}
         if ino in self.restoring:
             return {"action": "RESTORE", "state": "running", "bytes": self.cached(self.ns.get(ino))}
-        if ino in self.writeback.s.due:
-            return {"action": "ARCHIVE", "state": "waiting", "bytes": 0}
+        if ino in self.writeback.s.due and self.ns.get(ino)["dirty"]:
+            return {"action": "ARCHIVE", "state": "waiting", "bytes": 0}  # queued for (auto-)export
         return {"action": "NOOP", "state": "", "bytes": 0}
 
     def _regular(self, ino: int) -> sqlite3.Row:
@@ -250,6 +250,7 @@ def request(path: str, action: str) -> None:
 
     Raises OSError whose ``strerror`` is the daemon's explanation (``PathSizeTooLong: …``) when it gave one.
     """
+    os.getxattr(path, XATTR_PREFIX + "hsm_state")  # ENODATA outside a lustrefs mount: set nothing there
     try:
         os.setxattr(path, XATTR_PREFIX + action, b"")
     except OSError as exc:

@@ -153,12 +153,16 @@ class Importer:
 
     # ----------------------------------------------------------------------------------------- polling
 
-    async def poll(self, dir_inos: list[int] | None = None) -> PollResult:
-        """Re-list the loaded directories (or those given, and the loaded ones below them) and apply changes."""
+    async def poll(self, dir_inos: list[int] | None = None, policy: str | None = None) -> PollResult:
+        """Re-list the loaded directories (or those given, and the loaded ones below them) and apply changes.
+
+        ``policy`` overrides the file system's AutoImportPolicy (an import task imports new and changed objects
+        whatever the policy, as FSx's IMPORT_METADATA_FROM_REPOSITORY does).
+        """
         async with self._lock:
             started = time.monotonic()
             result = PollResult()
-            policy = self.policy()
+            policy = policy or self.policy()
             dirs = self._loaded_dirs(dir_inos)
             try:
                 async with trio.open_nursery() as nursery:

@@ -40,7 +40,6 @@ from .repository import RepositoryError
 from .s3client import S3Url
 
 if TYPE_CHECKING:
-    from .cache import Cache
     from .namespace import Namespace
     from .writeback import Writeback
 
@@ -270,6 +269,12 @@ def _relative(path: str, mountpoint: str) -> str:
 def _send(mountpoint: str, name: str, value: bytes, operation: str) -> None:
     """Set a control attribute on the mount root; the daemon's refusal becomes an FsxError."""
     try:
+        os.getxattr(mountpoint, "user.lustrefs.stats")
+    except OSError:
+        raise _bad(
+            f"{mountpoint} does not answer as a lustrefs mount; is the file system mounted?", operation
+        ) from None
+    try:
         os.setxattr(mountpoint, name, value)
     except OSError as exc:
         code, message = ERROR_CODES.get(exc.errno or 0, "BadRequest"), f"The file system daemon refused: {exc.strerror}"
@@ -406,9 +411,8 @@ class _Progress:
 class TaskRunner:
     """Runs the file system's data repository tasks one at a time (a trio task of the daemon)."""
 
-    def __init__(self, ns: Namespace, cache: Cache, writeback: Writeback, hsm_: hsm.Hsm, importer: Any = None) -> None:
+    def __init__(self, ns: Namespace, writeback: Writeback, hsm_: hsm.Hsm, importer: Any = None) -> None:
         self.ns = ns
-        self.cache = cache
         self.writeback = writeback
         self.hsm = hsm_
         self.importer = importer
@@ -655,7 +659,7 @@ class TaskRunner:
     async def _import(self, task: dict[str, Any], progress: _Progress) -> None:
         """Re-list the loaded directories under the S3 paths and apply new, changed and deleted objects."""
         dirs = [self._import_dir(p) for p in task["Paths"]] or None
-        result = await self.importer.poll(dirs)
+        result = await self.importer.poll(dirs, policy="NEW_CHANGED")
         if getattr(self.importer, "lifecycle", "AVAILABLE") != "AVAILABLE":
             raise TaskFailed(getattr(self.importer, "failure", None) or "The data repository cannot be listed.")
         done = result.new + result.changed + result.deleted

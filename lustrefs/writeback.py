@@ -194,8 +194,11 @@ class Writeback:
             self.s.running.discard(ino)
             self._wake.set()
 
-    async def export(self, ino: int) -> None:
-        """Export one entry now (its content, metadata and name) if it is dirty."""
+    async def export(self, ino: int, explicit: bool = False) -> None:
+        """Export one entry now (its content, metadata and name) if it is dirty.
+
+        ``explicit`` (hsm_archive, export tasks): the AutoExportPolicy does not apply, and a refusal is retried.
+        """
         row = self.ns.get(ino)
         if row["dirty"] == 0 or row["parent"] == ORPHAN:
             return
@@ -210,9 +213,9 @@ class Writeback:
         is_dir = stat.S_ISDIR(row["mode"])
         desired = self.target.key(path, is_dir)
         old_key = row["exported_key"]
-        if self.s.given_up.get(ino) == gen:
+        if self.s.given_up.get(ino) == gen and not explicit:
             return
-        if problem := self._refusal(row, desired, old_key):
+        if problem := self._refusal(row, desired, old_key, explicit):
             code, message = problem
             self.s.given_up[ino] = gen
             self.s.errors[ino] = f"{code}: {message}"
@@ -238,14 +241,14 @@ class Writeback:
             await self.repo.delete(old_key)
         self._exported(ino, gen, desired, etag, source, row["size"], is_dir or stat.S_ISLNK(row["mode"]))
 
-    def _refusal(self, row: sqlite3.Row, desired: str, old_key: str | None) -> tuple[str, str] | None:
+    def _refusal(self, row: sqlite3.Row, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
         """Why this entry is not exported (FSx's codes), or None."""
         if len(desired.encode()) > MAX_KEY_BYTES:
             return "PathSizeTooLong", f"The key {desired[:80]}… is longer than {MAX_KEY_BYTES} bytes; not exported."
         if row["size"] > MAX_FILE_SIZE:
             return "FileSizeTooLarge", f"{desired} is larger than 5 TiB; not exported."
         event = "NEW" if old_key is None else "CHANGED"
-        if event not in self.policy():
+        if not explicit and event not in self.policy():
             return "ExportSkippedByPolicy", f"{desired}: {event} events are not exported (AutoExportPolicy)."
         return None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import MotoEndpoint, Mounted, create_fs, fuse_available, mount_fs
+from helpers import MotoEndpoint, Mounted, create_fs, fuse_available, mount_fs, wait_for
 
 from lustrefs import records
 
@@ -64,6 +64,8 @@ def fake_daemon() -> Iterator[Callable[[str, str], int]]:
     def start(fs_id: str, mountpoint: str) -> int:
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", fs_id])
         procs.append(proc)
+        # Popen may return before the child's exec has replaced its command line (vfork).
+        wait_for(lambda: fs_id.encode() in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10, "the fake daemon")
         (records.fs_dir(fs_id) / "mount.json").write_text(json.dumps({"pid": proc.pid, "mountpoint": mountpoint}))
         return proc.pid
 

@@ -61,8 +61,10 @@ def test_states_through_import_read_write_and_archive(s3: Any, bucket: str, moun
     new = m.path / "d/new.txt"
     new.write_bytes(b"brand new")
     assert state(new) == flags(new, NEW_DIRTY)
+    assert hsm("hsm_action", new)[1] == f"{new}: ARCHIVE waiting (from 0 to EOF)\n"  # queued for export
 
     assert hsm("hsm_archive", f, new) == (0, "", "")
+    assert hsm("hsm_action", new)[1] == f"{new}: NOOP\n"
     assert body(s3, bucket, "exp/d/new.txt") == b"brand new"
     assert body(s3, bucket, "exp/d/imported.bin") == b"changed" + data[7:]
     _, out, _ = hsm("hsm_state", f, new)
@@ -133,6 +135,7 @@ def test_only_root_or_the_owner_may_act_on_a_file(moto: MotoEndpoint, s3: Any, b
         os.chmod(m.path, 0o777)
         roots = m.path / "roots.bin"
         os.chmod(roots, 0o666)  # writable by anyone: the kernel lets the request through, the daemon decides
+        wait_for(lambda: "dirty" not in state(roots), 30, "the export of the chmod")
         assert roots.read_bytes() == b"r" * 1000
         theirs = m.path / "theirs.txt"
 

@@ -1,0 +1,302 @@
+"""The order of a run: endpoint, data set, raw endpoint, local disk, then each file system on fresh mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cases, dataset, raw, report, targets
+from .dataset import DataSet
+from .endpoints import Endpoint, open_endpoint
+from .host import CaseError, OpTimeout, PageCache, machine, peak_rss
+from .mounts import SOURCE_DIR, FileSystem, Lustrefs, Mounted, file_systems
+from .report import Results, SystemResult, log, measure
+
+OUT = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1024**2
+
+
+@dataclass
+class Settings:
+    """What the command line asked for."""
+
+    endpoint_kind: str | None
+    endpoint_url: str | None
+    big_size: int
+    quick: bool
+    systems: list[str]
+    timeout: float
+    samples: int
+    populate: str  # "auto" (s3rver: write its store directly) or "api"
+    allow_install: bool
+    keep_work: bool
+    million: int  # 0: the normal suite; else the many-objects metadata case with this many objects
+    lustrefs_rev: str | None  # benchmark this git revision of lustrefs/ (exported) instead of the working tree
+    argv: str
+
+
+class Run:
+    """One benchmark run; ``results`` fills up as it goes."""
+
+    def __init__(self, settings: Settings, endpoint: Endpoint, work: Path, results: Results) -> None:
+        self.s = settings
+        self.ep = endpoint
+        self.work = work
+        self.results = results
+        self.cache = PageCache()
+        self.ds = DataSet.make(settings.big_size, settings.quick)
+        self.client = endpoint.client(pool=20)
+        self.offsets = cases.spread_offsets(self.ds.big_size, settings.samples, seed=1)
+
+    def cold(self, *paths: Path) -> None:
+        """Drop the page cache (with fadvise: of ``paths`` and of the endpoint's store)."""
+        self.cache.drop(*paths, *([self.ep.data_dir] if self.ep.data_dir else []))
+
+    def after_drop(self, fn: Callable[[], float], *paths: Path) -> Callable[[], float]:
+        """``fn``, to be run right after dropping the page cache (see :meth:`cold`)."""
+
+        def run() -> float:
+            self.cold(*paths)
+            return fn()
+
+        return run
+
+    # ------------------------------------------------------------------------------------------ suite
+
+    def suite(self) -> None:
+        meta = self.results.meta
+        meta["page_cache"] = f"dropped with {self.cache.describe()}"
+        meta["dataset"] = self.ds.describe()
+        systems = file_systems(self.ep, self.ds, self.work, self.s.systems)
+        for fs in systems:  # before any timing: installing a missing peer takes a while
+            res = self.results.systems[fs.key] = SystemResult(fs.label)
+            res.skipped = fs.unavailable(self.s.allow_install)
+            if res.skipped:
+                log(f"{fs.label}: skipped: {res.skipped}")
+            else:
+                res.command = fs.describe()
+        log(f"populating: {meta['dataset']}")
+        seconds, how = dataset.populate(self.ds, self.ep, self.s.populate)
+        meta["populate"] = f"{seconds:.0f} s, {how}"
+        self.raw_endpoint()
+        self.local_disk()
+        for fs in systems:
+            if not self.results.systems[fs.key].skipped:
+                self.file_system(fs)
+
+    def raw_endpoint(self) -> None:
+        """The ceilings, measured with boto3 (page cache dropped before each: s3rver serves from its disk)."""
+        res, ds, c, b = self.results.raw, self.ds, self.client, self.ds.bucket
+        size, tree, wide = ds.big_size, ds.tree, ds.wide
+        cold = self.after_drop
+        measure(res, "raw_get_mbps", cold(lambda: raw.whole_get(c, b, ds.big_key, size)))
+        measure(res, "raw_range4_mbps", cold(lambda: raw.ranged_gets(c, b, ds.big_key, size, 4)))
+        measure(res, "raw_range8_mbps", cold(lambda: raw.ranged_gets(c, b, ds.big_key, size, 8)))
+
+        def latency_ms() -> float:
+            samples = raw.ranged_latencies(c, b, ds.big_key, self.offsets, self.cache)
+            res.samples["raw_latency_ms"] = [s * 1000 for s in samples]
+            return cases.median(samples) * 1000
+
+        measure(res, "raw_latency_ms", latency_ms)
+        measure(res, "raw_tree_list_lazy_s", cold(lambda: self._listed(raw.list_lazy(c, b, tree.prefix), tree)))
+        measure(res, "raw_tree_list_flat_s", cold(lambda: self._listed(raw.list_flat(c, b, tree.prefix), tree)))
+        measure(res, "raw_tree_head16_s", cold(lambda: raw.heads(c, b, tree.object_keys(), 16)))
+        measure(res, "raw_wide_list_s", cold(lambda: self._listed(raw.list_lazy(c, b, wide.prefix), wide)))
+        measure(res, "raw_wide_head16_s", cold(lambda: raw.heads(c, b, wide.object_keys(), 16)))
+        measure(res, "raw_small_get8_fps", cold(lambda: raw.small_gets(c, b, tree.object_keys(), tree.size, 8)))
+
+    @staticmethod
+    def _listed(timed: tuple[float, int], tree: dataset.Tree) -> float:
+        seconds, objects = timed
+        if objects != tree.count + 1:  # the files and the folder's marker
+            raise CaseError(f"listing of {tree.prefix} found {objects} objects, expected {tree.count + 1}")
+        return seconds
+
+    def local_disk(self) -> None:
+        """Local-disk baseline: a big file and a copy of the tree in the work directory."""
+        res, t = self.results.local, self.s.timeout
+        log("writing the local copies")
+        big, tree_dir = dataset.local_copy(self.ds, self.work / "local")
+        size, n = self.ds.big_size, self.ds.tree.count
+        measure(res, "local_read_cold_mbps", self.after_drop(lambda: cases.read_mbps(big, size, t), big))
+        measure(res, "local_read_page_mbps", lambda: cases.read_mbps(big, size, t))
+        measure(res, "local_find_cold_s", self.after_drop(lambda: cases.find_stat(tree_dir, n, t), tree_dir))
+        measure(res, "local_find_warm_s", lambda: cases.find_stat(tree_dir, n, t))
+        shutil.rmtree(self.work / "local", ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------- file systems
+
+    def session(self, fs: FileSystem, rss_metric: str, body: Callable[[Mounted], None]) -> None:
+        """One fresh mount: run ``body`` on it, record the server's peak RSS and counters, tear it down."""
+        res = self.results.systems[fs.key]
+        try:
+            with fs.mounted() as m:
+                try:
+                    body(m)
+                finally:
+                    rss = peak_rss(m.pid)
+                    if rss is not None:
+                        res.metrics[rss_metric] = max(res.metrics.get(rss_metric, 0.0), rss / MIB)
+                    if m.stats is not None:
+                        with contextlib.suppress(CaseError, OSError):
+                            res.stats.append(m.stats())
+        except OpTimeout as exc:
+            log(f"{fs.label}: mount abandoned after a timeout: {exc}")
+        except CaseError as exc:
+            res.failed.setdefault("mount", f"error: {exc}")
+            log(f"{fs.label}: mount failed: {exc}")
+
+    def file_system(self, fs: FileSystem) -> None:
+        res, t, ds = self.results.systems[fs.key], self.s.timeout, self.ds
+        log(f"{fs.label}: starting")
+        backing = [self.work / "lustrefs-home"] if isinstance(fs, Lustrefs) else []
+        samples: list[float] = []  # first-byte latency: one per fresh mount, each at its own offset
+
+        def big(m: Mounted) -> Path:
+            return m.path / ds.big_key
+
+        def latency(m: Mounted, offset: int) -> None:
+            measure(res, "latency_ms", lambda: samples.append(cases.first_byte_latency(big(m), offset, self.cache, t)))
+
+        def reads(m: Mounted) -> None:
+            f, size = big(m), ds.big_size
+            measure(res, "read_cold_mbps", self.after_drop(lambda: cases.read_mbps(f, size, t), f, *backing))
+            measure(res, "read_page_mbps", lambda: cases.read_mbps(f, size, t))
+            measure(res, "read_dropped_mbps", self.after_drop(lambda: cases.read_mbps(f, size, t), f, *backing))
+
+        def tree_ops(m: Mounted) -> None:
+            tree, wide = m.path / ds.tree.name, m.path / ds.wide.name
+            self.cold()
+            measure(res, "find_cold_s", lambda: cases.find_stat(tree, ds.tree.count, t))
+            measure(res, "find_warm_s", lambda: cases.find_stat(tree, ds.tree.count, t))
+            self.cold()  # the wide directory has not been looked at yet on this mount
+            measure(res, "ls_cold_s", lambda: cases.ls_long(wide, ds.wide.count, t))
+            measure(res, "ls_warm_s", lambda: cases.ls_long(wide, ds.wide.count, t))
+
+        def cat(m: Mounted) -> None:
+            self.cold()
+            measure(res, "cat_fps", lambda: cases.cat_files(m.path / ds.tree.name, ds.tree.relpaths(), t))
+
+        if fs.reads:
+            for offset in self.offsets:
+                self.session(fs, "rss_read_mib", lambda m, offset=offset: latency(m, offset))
+            if samples:
+                res.samples["latency_ms"] = [s * 1000 for s in samples]
+                measure(res, "latency_ms", lambda: cases.median(samples) * 1000)
+            self.session(fs, "rss_read_mib", reads)
+        self.session(fs, "rss_meta_mib", tree_ops)
+        self.session(fs, "rss_meta_mib", cat)
+
+    # ---------------------------------------------------------------------------------------- million
+
+    def many_objects(self) -> None:
+        """The metadata-only memory case: list ``million`` objects through lustrefs (posix_metadata=off).
+
+        POSIX metadata stays off: it would cost one HEAD per object (about an hour per million on s3rver).
+        """
+        tree = dataset.million_tree(self.s.million)
+        out = self.results.million
+        out["objects"] = f"{tree.count:,} objects of {tree.size} B in {tree.dirs:,} directories of {tree.per_dir:,}"
+        log(f"populating {out['objects']}")
+        seconds, how = dataset.populate_tree(tree, self.ep, self.ds.bucket, self.s.populate)
+        out["populate"] = f"{seconds:.0f} s ({tree.count / seconds:,.0f} objects/s), {how}"
+        log(f"populated: {out['populate']}")
+        self.cold()  # one directory's delimiter LIST with boto3, for scale (all of them would take minutes)
+        first = tree.prefix + tree.relpaths()[0].rsplit("/", 1)[0] + "/"
+        seconds, objects = raw.list_lazy(self.client, self.ds.bucket, first)
+        out["raw delimiter LIST of one directory, boto3, cold"] = f"{seconds:.2f} s for {objects:,} keys"
+        fs = Lustrefs(self.ep, self.ds, self.work, "posix_metadata=off", "lustrefs-nometa",
+                      "lustrefs posix_metadata=off", reads=False)  # fmt: skip
+        res = self.results.systems[fs.key] = SystemResult(fs.label, fs.describe())
+
+        def rss(m: Mounted) -> str:
+            return f"{(peak_rss(m.pid) or 0) / MIB:,.0f} MiB"
+
+        def find(m: Mounted) -> None:
+            out["lustrefs peak RSS after mounting"] = rss(m)
+            self.cold()
+            seconds = measure(res, "find_cold_s", lambda: cases.find_stat(m.path / tree.name, tree.count,
+                                                                         self.s.timeout))  # fmt: skip
+            rate = f"{seconds:.0f} s ({tree.count / seconds:,.0f} files/s)" if seconds else "failed"
+            out["lustrefs `find`+stat, cold"] = rate
+            out["lustrefs peak RSS after listing"] = rss(m)
+            if m.stats is not None:
+                with contextlib.suppress(CaseError, OSError, KeyError):
+                    out["lustrefs inodes"] = f"{m.stats()['inodes']:,}"
+            db = sum(p.stat().st_size for p in (self.work / "lustrefs-home").rglob("state.db*"))
+            out["lustrefs state.db size"] = f"{db / MIB:,.0f} MiB"
+
+        self.session(fs, "rss_meta_mib", find)
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=60, check=False)
+
+
+def lustrefs_source(rev: str | None, work: Path) -> str:
+    """Export ``rev``'s lustrefs/ into the work directory (see mounts.SOURCE_DIR); describe what runs."""
+    if rev is None:
+        head = _git("rev-parse", "--short", "HEAD").stdout.decode().strip() or "?"
+        dirty = _git("status", "--porcelain", "lustrefs").stdout.strip()
+        return f"working tree at {head}" + (" with uncommitted changes in lustrefs/" if dirty else "")
+    commit = _git("rev-parse", "--short", f"{rev}^{{commit}}").stdout.decode().strip()
+    archive = _git("archive", "--format=tar", commit or rev, "lustrefs")
+    if not commit or archive.returncode != 0:
+        raise CaseError(f"cannot export lustrefs/ at {rev!r}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(work / SOURCE_DIR, filter="data")
+    return f"commit {commit} ({rev}), exported from git"
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+
+
+def run(settings: Settings) -> tuple[Results, Path, Path]:
+    """Run the benchmark; returns the results and the paths of the Markdown and JSON reports."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = OUT / f"work-{stamp}"
+    work.mkdir(parents=True)
+    results = Results()
+    results.meta |= {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(),
+        "lustrefs": lustrefs_source(settings.lustrefs_rev, work),
+        "command": f"`{settings.argv}`",
+    }
+    started = time.perf_counter()
+    try:
+        with open_endpoint(settings.endpoint_kind, settings.endpoint_url, work, settings.allow_install) as ep:
+            results.meta["endpoint"] = f"{ep.kind} ({ep.version}) at {ep.url}"
+            results.meta["endpoint_kind"] = ep.kind
+            log(f"endpoint: {results.meta['endpoint']}")
+            r = Run(settings, ep, work, results)
+            if settings.million:
+                r.many_objects()
+            else:
+                r.suite()
+    finally:
+        results.meta["wall_time"] = f"{(time.perf_counter() - started) / 60:.1f} min"
+        left = _mounts_under(work)
+        if left:
+            log(f"not removing {work}: still mounted: {left}")
+        elif not settings.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        if not settings.million:
+            results.targets = targets.evaluate(results)
+        kind = results.meta.get("endpoint_kind", "none") + ("-million" if settings.million else "")
+        md, js = report.write(results, OUT, f"bench-{kind}-{stamp}")
+    os.sync()
+    return results, md, js
