@@ -295,6 +295,8 @@ def cmd_create_data_repository_task(args: argparse.Namespace) -> int:
         task = result["DataRepositoryTask"]
         final = tasks.wait_for_task(task["FileSystemId"], task["TaskId"], _progress_bar(sys.stderr))
         result = {"DataRepositoryTask": tasks.public(final)}
+        _print_json(result)
+        return 0 if final["Lifecycle"] == "SUCCEEDED" else 1  # --wait: a task that did not succeed fails
     _print_json(result)
     return 0
 
