@@ -182,7 +182,8 @@ class Cache:
             return b""
         keys = [(obj.ino, obj.etag, p) for p in self._parts_of(off, end)]
         nobody_has_it = all(k not in self._lru and k not in self._fetches for k in keys)
-        if self._nursery is not None and end - off <= SMALL_READ and nobody_has_it:
+        part_bytes = min(self.part_size, obj.size - keys[0][2] * self.part_size)
+        if self._nursery is not None and end - off <= SMALL_READ < part_bytes and nobody_has_it:
             # A small read nobody is fetching yet: answer it with its own small GET now (first-byte
             # latency) and bring the whole part into the cache in the background.
             self.prefetch(obj, off, end)

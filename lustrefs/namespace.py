@@ -227,6 +227,8 @@ class Namespace:
         if spec is None or spec.only_child is not None or not key.startswith(spec.prefix):
             await self._wait_listed(dir_row, until=None)
             return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._list_in_background, dir_row["ino"])  # the next lookups will want it
         page = await self.repo.list_page(key, None, max_keys=100)
         if key + "/" in page.prefixes:
             found: tuple[list[str], list[ObjectInfo]] = ([key + "/"], [])  # a directory wins over a file

@@ -39,8 +39,8 @@ class ReadAhead:
         self.next_off = off + size
         end = min(self.next_off + self.window, file_size)
         start = max(self.ahead_to, self.next_off)
-        if end <= start:
-            return None
+        if end <= start or (start > self.next_off and end - start < self.window // 2 and end < file_size):
+            return None  # enough is on its way: ask again for a big range (few, large GETs), not a sliver
         self.ahead_to = end
         return start, end
 
