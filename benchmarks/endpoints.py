@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from lustrefs import locals3
 from lustrefs.locals3 import HOST, LocalS3, free_port
 from lustrefs.s3client import make_client
 
@@ -76,18 +76,6 @@ def apply_env(endpoint: Endpoint) -> None:
     os.environ.update(endpoint.env())
 
 
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request("GET", "/")
-        conn.getresponse().read()
-        return True
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
-
-
 # ------------------------------------------------------------------------------------------------- moto
 
 
@@ -139,7 +127,7 @@ def s3rver(data_dir: Path, log_path: Path, allow_install: bool) -> Iterator[Endp
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _answers(port):
+        while not locals3.http_answers(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise CaseError(f"s3rver did not start on port {port}; see {log_path}")
             time.sleep(0.1)

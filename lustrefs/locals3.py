@@ -121,7 +121,7 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
-def _answers(port: int, timeout: float = 1.0) -> bool:
+def http_answers(port: int, timeout: float = 1.0) -> bool:
     """Whether an HTTP server on 127.0.0.1:``port`` answers a request (any status)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
@@ -242,7 +242,7 @@ class LocalS3:
         self._finalizer = weakref.finalize(self, _terminate, proc, self.stop_timeout)
         deadline = time.monotonic() + self.startup_timeout
         while True:
-            if _answers(self.port) and proc.poll() is None:
+            if http_answers(self.port) and proc.poll() is None:
                 return
             if proc.poll() is not None:
                 msg = f"moto server exited with status {proc.returncode} before answering on port {self.port}"
