@@ -26,15 +26,6 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def key_problem(key: str) -> str | None:
-    """Why ``key`` (a file key, or a directory key ending in ``/``) is not a POSIX path, or None."""
-    parts = key[:-1].split("/") if key.endswith("/") else key.split("/")
-    for part in parts:
-        if problem := name_problem(part):
-            return problem
-    return None
-
-
 @dataclass(frozen=True)
 class Listing:
     """How to list one directory: the S3 ``Prefix`` to ask for, and how to turn results into child names.
