@@ -262,8 +262,8 @@ class Demo:
             self.mountpoint.mkdir(parents=True)
             self.created_mountpoint = True
         self.mount_attempted = True
-        self.cli("mount", self.fs_id, self.mountpoint, "-o", "cache_size=1", log=self.mount_log,
-                 timeout=MOUNT_TIMEOUT)  # fmt: skip
+        opts = "cache_size=1,poll_interval=5,export_delay=1"
+        self.cli("mount", self.fs_id, self.mountpoint, "-o", opts, log=self.mount_log, timeout=MOUNT_TIMEOUT)
         if not is_mounted(self.mountpoint):
             raise DemoError(
                 f"`lustrefs mount` succeeded but {self.mountpoint} is not a mount point\n{_tail(self.mount_log)}"
@@ -335,6 +335,12 @@ class Demo:
             f"stat {mnt}/{SAMPLE_POSIX_KEY}",
             f"{cli} describe-file-systems --file-system-ids {self.fs_id}",
             f"tail -f {shlex.quote(str(self.home / self.fs_id / 'events.jsonl'))}",
+            "# write a file: it is exported to the ExportPath with its POSIX metadata a second after close",
+            f"echo hello > {mnt}/data/hello.txt && {cli} hsm_state {mnt}/data/hello.txt",
+            "# a new object in the bucket appears within 5 s (AutoImportPolicy=NEW_CHANGED, poll_interval=5)",
+            f"{shown([sys.executable])} -c \"import boto3; boto3.client('s3').put_object("
+            f"Bucket='{BUCKET}', Key='data/new.txt', Body=b'new')\" && sleep 6 && ls -l {mnt}/data",
+            f"{cli} stats {mnt}",
             f'curl -s "$AWS_ENDPOINT_URL/{BUCKET}?list-type=2"',
         ]
         say("\n".join(f"  {line}" for line in lines))
