@@ -99,6 +99,7 @@ class Cache:
         self.stats = CacheStats()
         self.used = 0
         self._lru: collections.OrderedDict[PartKey, int] = collections.OrderedDict()  # part -> size
+        self._by_ino: dict[int, set[PartKey]] = {}  # the parts of each inode (per-file work never scans _lru)
         self._clock = 0
         self._touched: set[PartKey] = set()
         self._pins: collections.Counter[PartKey] = collections.Counter()
@@ -127,7 +128,7 @@ class Cache:
         indexed: dict[Path, PartKey] = {}
         for ino, etag, part, size, last_use in rows:
             key = (ino, etag, part)
-            self._lru[key] = size
+            self._index(key, size)
             self._clock = max(self._clock, last_use)
             indexed[self.path_of(key)] = key
         for target in self.targets:
@@ -362,7 +363,7 @@ class Cache:
     def truncate(self, f: FileData, size: int) -> None:
         """Cut the local parts of ``f`` to ``size`` bytes (clean data is clipped by the caller's src_limit)."""
         with db.transaction(self.conn):
-            for key in [k for k in self._lru if k[0] == f.ino and k[1] == LOCAL and k[2] * self.part_size >= size]:
+            for key in [k for k in self._keys_of(f.ino, LOCAL) if k[2] * self.part_size >= size]:
                 self._drop(key)
             key = (f.ino, LOCAL, size // self.part_size)
             within = size % self.part_size
@@ -372,13 +373,13 @@ class Cache:
 
     async def sync(self, ino: int) -> None:
         """fsync the local parts of ``ino`` (in a worker thread)."""
-        paths = [self.path_of(k) for k in self._lru if k[0] == ino and k[1] == LOCAL]
+        paths = [self.path_of(k) for k in self._keys_of(ino, LOCAL)]
         await trio.to_thread.run_sync(_fsync_all, paths, limiter=self._disk)
 
     def adopt(self, ino: int, old: ObjectVersion | None, new: ObjectVersion) -> None:
         """After an export: whole local parts, and old clean parts still valid, become clean parts of ``new``."""
         with db.transaction(self.conn):
-            keys = [k for k in self._lru if k[0] == ino and k[1] in (LOCAL, old.etag if old else LOCAL)]
+            keys = self._keys_of(ino, LOCAL, old.etag if old else LOCAL)
             for key in sorted(keys, key=lambda k: k[1] != LOCAL):  # local data first: it is the newer data
                 p = key[2]
                 whole = min(self.part_size, new.size - p * self.part_size)
@@ -389,7 +390,9 @@ class Cache:
                     self.conn.execute(
                         "UPDATE cache_parts SET etag = ? WHERE ino = ? AND etag = ? AND part = ?", (new.etag, *key)
                     )
-                    self._lru[target] = self._lru.pop(key)
+                    size = self._lru.pop(key)
+                    self._by_ino[ino].discard(key)
+                    self._index(target, size)
                     self._touched.discard(key)
                 else:
                     self._drop(key)
@@ -397,13 +400,13 @@ class Cache:
     def drop_version(self, ino: int, etag: str) -> None:
         """Forget the cached data of one object version of ``ino`` (replaced by a newer one)."""
         with db.transaction(self.conn):
-            for key in [k for k in self._lru if k[0] == ino and k[1] == etag]:
+            for key in self._keys_of(ino, etag):
                 self._drop(key)
 
     def drop_inode(self, ino: int) -> None:
         """Forget every part of ``ino`` (the file is gone)."""
         with db.transaction(self.conn):
-            for key in [k for k in self._lru if k[0] == ino]:
+            for key in self._keys_of(ino):
                 self._drop(key)
 
     def local_bytes(self) -> int:
@@ -413,21 +416,15 @@ class Cache:
 
     def cached_bytes(self, ino: int, etag: str | None = None) -> int:
         """Bytes of ``ino`` in the cache: of object version ``etag`` and local data, or (None) of any version."""
-        if etag is None:
-            query, args = "SELECT total(size) FROM cache_parts WHERE ino = ?", (ino,)
-        else:
-            query, args = "SELECT total(size) FROM cache_parts WHERE ino = ? AND etag IN (?, ?)", (ino, etag, LOCAL)
-        return int(self.conn.execute(query, args).fetchone()[0])
+        return sum(self._lru[k] for k in self._keys_of(ino, *(() if etag is None else (etag, LOCAL))))
 
     def release(self, ino: int) -> int:
         """Drop the clean parts of ``ino`` except those being read; local data stays. Returns the bytes freed."""
-        rows = self.conn.execute("SELECT etag, part FROM cache_parts WHERE ino = ? AND etag != ?", (ino, LOCAL))
         freed = 0
         with db.transaction(self.conn):
-            for etag, part in rows.fetchall():
-                key = (ino, etag, part)
-                if key not in self._pins:
-                    freed += self._lru.get(key, 0)
+            for key in self._keys_of(ino):
+                if key[1] != LOCAL and key not in self._pins:
+                    freed += self._lru[key]
                     self._drop(key)
         return freed
 
@@ -450,9 +447,17 @@ class Cache:
                 if self._pins[key] <= 0:
                     del self._pins[key]
 
+    def _index(self, key: PartKey, size: int) -> None:
+        self._lru[key] = size
+        self._by_ino.setdefault(key[0], set()).add(key)
+
+    def _keys_of(self, ino: int, *etags: str) -> list[PartKey]:
+        """The cached parts of ``ino`` (of the given versions only, if any)."""
+        return [k for k in self._by_ino.get(ino, ()) if not etags or k[1] in etags]
+
     def _add(self, key: PartKey, size: int) -> None:
         self._clock += 1
-        self._lru[key] = size
+        self._index(key, size)
         self.used += size
         self.conn.execute(
             "INSERT OR REPLACE INTO cache_parts (ino, etag, part, size, last_use) VALUES (?, ?, ?, ?, ?)",
@@ -467,6 +472,10 @@ class Cache:
         size = self._lru.pop(key, None)
         if size is not None:
             self.used -= size
+            keys = self._by_ino[key[0]]
+            keys.discard(key)
+            if not keys:
+                del self._by_ino[key[0]]
         self._touched.discard(key)
         self.conn.execute("DELETE FROM cache_parts WHERE ino = ? AND etag = ? AND part = ?", key)
         self.path_of(key).unlink(missing_ok=True)

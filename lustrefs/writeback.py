@@ -293,9 +293,11 @@ class Writeback:
         if self._delete_backoff and time.monotonic() < self._delete_backoff:
             return
         conn = self.ns.conn
-        for (key,) in conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns").fetchall():
+        pending = conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns").fetchall()
+        delete = bool(pending) and "DELETED" in self.policy()  # the record is read once, not once per key
+        for (key,) in pending:
             live = conn.execute("SELECT 1 FROM inodes WHERE exported_key = ? AND parent != ?", (key, ORPHAN)).fetchone()
-            if not live and "DELETED" in self.policy():
+            if not live and delete:
                 try:
                     await self.repo.delete(key)
                 except RepositoryError as exc:
