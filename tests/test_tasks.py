@@ -126,8 +126,9 @@ def test_tasks_wait_in_line_and_survive_a_restart(moto: MotoEndpoint, s3: Any, b
     now = round(time.time(), 3)
     status = {"TotalCount": 10, "SucceededCount": 3, "FailedCount": 0, "LastUpdatedTime": now}
     common = {"FileSystemId": fs_id, "Type": tasks.EXPORT, "Paths": [], "Report": {"Enabled": False}}
-    interrupted = {**common, "TaskId": "task-0000000000000000a", "Lifecycle": "EXECUTING", "CreationTime": now}
-    queued = {**common, "TaskId": "task-0000000000000000b", "Lifecycle": "PENDING", "CreationTime": now + 1}
+    # Both left by an earlier daemon, so both created before anything this test creates (describe sorts by time).
+    interrupted = {**common, "TaskId": "task-0000000000000000a", "Lifecycle": "EXECUTING", "CreationTime": now - 2}
+    queued = {**common, "TaskId": "task-0000000000000000b", "Lifecycle": "PENDING", "CreationTime": now - 1}
     tasks.save_task({**interrupted, "Status": status, "StartTime": now})
     tasks.save_task({**queued, "Status": {**status, "SucceededCount": 0}})
     res, m = mount_fs(fs_id, home.parent / "mnt", "export_delay=3600")
