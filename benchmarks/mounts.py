@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lustrefs import control_client
+
 from .dataset import DataSet
 from .endpoints import Endpoint
 from .host import CaseError, OpTimeout, call_with_timeout, ensure_tool, is_mount, stop_pid, tool_version, wait_until
 
 MOUNT_TIMEOUT = 120.0
 SOURCE_DIR = "lustrefs-src"  # under the work directory: an exported revision of the lustrefs package, if any
-STATS_XATTR = "user.lustrefs.stats"
+OLD_STATS_XATTR = "user.lustrefs.stats"  # how revisions before the control file (--lustrefs-rev) gave their stats
 
 
 @dataclass
@@ -35,6 +37,14 @@ class Mounted:
     path: Path
     pid: int
     stats: Callable[[], dict[str, Any]] | None = None
+
+
+def read_stats(path: Path) -> dict[str, Any]:
+    """A lustrefs mount's stats snapshot, through its control file (or the xattr of an older revision)."""
+    try:
+        return control_client.request(str(path), "stats")
+    except control_client.NotLustrefs:
+        return json.loads(os.getxattr(path, OLD_STATS_XATTR))
 
 
 def unmount(path: Path, pid: int | None) -> None:
@@ -149,7 +159,7 @@ class Lustrefs(FileSystem):
             path = self.mountpoint
 
             def stats() -> dict[str, Any]:
-                return call_with_timeout(lambda: json.loads(os.getxattr(path, STATS_XATTR)), 30, "stats xattr")
+                return call_with_timeout(lambda: read_stats(path), 30, "stats request")
 
             yield Mounted(path, pid, stats)
         finally:

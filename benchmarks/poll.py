@@ -20,7 +20,7 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from moto.server import ThreadedMotoServer
 
-from lustrefs import locals3, s3client
+from lustrefs import control_client, locals3, s3client
 
 LUSTREFS = str(Path(sys.executable).parent / "lustrefs")
 
@@ -69,12 +69,12 @@ def main() -> int:
             t = time.monotonic()
             subprocess.run(["find", str(mnt), "-type", "f"], check=True, stdout=subprocess.DEVNULL, timeout=1800)
             load = time.monotonic() - t
-            stats = json.loads(os.getxattr(mnt, "user.lustrefs.stats"))
+            stats = control_client.request(str(mnt), "stats")
             start = stats["import"]["cycles"]
             deadline = time.monotonic() + 600
             while stats["import"]["cycles"] < start + 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
-                stats = json.loads(os.getxattr(mnt, "user.lustrefs.stats"))
+                stats = control_client.request(str(mnt), "stats")
             raw_seconds, raw_requests = raw_lists(client, "poll", args.dirs)
             rss = next(
                 line.split()[1]

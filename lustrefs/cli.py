@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TextIO
 
 import botocore.exceptions
 
-from . import control, hsm, records, tasks
+from . import control, control_client, hsm, records, tasks
 from .errors import FsxError
 from .s3client import make_client
 
@@ -271,7 +271,7 @@ def cmd_hsm(args: argparse.Namespace) -> int:
 
 def _hsm_error(verb: str, path: str, exc: OSError) -> str:
     reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+    if isinstance(exc, control_client.NotLustrefs):
         reason = "not a file of a lustrefs mount"
     if verb in ("hsm_state", "hsm_action"):
         return f"can't get hsm {verb.removeprefix('hsm_')} for {path}: {reason}"
@@ -334,11 +334,14 @@ def cmd_cancel_data_repository_task(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """``lustrefs stats MOUNTPOINT [--json]``: the daemon's counters, read through the mount root."""
+    """``lustrefs stats MOUNTPOINT [--json]``: the daemon's counters, asked of the mount root."""
     try:
-        snapshot = json.loads(os.getxattr(args.mountpoint, "user.lustrefs.stats"))
+        snapshot = control_client.request(args.mountpoint, "stats")
     except OSError as exc:
-        reason = "not the root of a lustrefs mount" if exc.errno in (errno.ENODATA, errno.ENOTSUP) else exc.strerror
+        not_root = isinstance(exc, control_client.NotLustrefs) or (
+            isinstance(exc, control_client.ControlError) and exc.errno == errno.ENOTSUP  # a directory of the mount
+        )
+        reason = "not the root of a lustrefs mount" if not_root else exc.strerror
         print(f"lustrefs stats: {args.mountpoint}: {reason}", file=sys.stderr)
         return 1
     if args.json:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pyfuse3
 import trio
 
@@ -32,6 +33,7 @@ from .cache import Cache
 from .control_channel import Control
 from .errors import FsxError
 from .events import EventLog
+from .fastpath import FastPath
 from .fs import Operations
 from .importer import Importer, Notifier, read_policy
 from .namespace import Defaults, Namespace
@@ -307,6 +309,19 @@ def _cache_targets(p: MountPlan, home: Path) -> list[Path]:
     return [records.private_dir(Path(d) / p.fs_id) for d in p.opts.cache_dirs]
 
 
+def _part_size(option_mib: int | None, chunk_size: int, old_layout: str | None) -> int:
+    """The cache's part size: the option, else the existing cache's, else 4 MiB; capped at the chunk size,
+    and 1 MiB if the chunk size is not a multiple of it."""
+    if option_mib is not None:
+        size = option_mib * options.MIB
+    elif old_layout is not None:
+        size = json.loads(old_layout)["part"]
+    else:
+        size = options.DEFAULT_PART_MIB * options.MIB
+    size = min(size, chunk_size)
+    return size if chunk_size % size == 0 else options.MIB
+
+
 def serve(p: MountPlan, ready_fd: int | None) -> int:
     """Run the file system until it is unmounted or signalled. Returns the exit status."""
     home = records.fs_dir(p.fs_id)
@@ -315,15 +330,13 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     repo_conf = p.record["LustreConfiguration"]["DataRepositoryConfiguration"]
     chunk_size = int(repo_conf.get("ImportedFileChunkSize", 1024)) * options.MIB
     capacity_gib = p.opts.cache_size_gib or float(p.record.get("StorageCapacity", 1200))
-    part_size = min(p.opts.part_size_mib * options.MIB, chunk_size)
-    if chunk_size % part_size:
-        part_size = options.MIB
 
     conn = db.connect(home / "state.db")
     events = EventLog(home / "events.jsonl", p.fs_id)
     targets = _cache_targets(p, home)
-    layout = json.dumps({"targets": [str(t) for t in targets], "part": part_size, "chunk": chunk_size})
     old_layout = db.get_setting(conn, "cache_layout")
+    part_size = _part_size(p.opts.part_size_mib, chunk_size, old_layout)
+    layout = json.dumps({"targets": [str(t) for t in targets], "part": part_size, "chunk": chunk_size})
     if old_layout not in (None, layout):
         dirty = conn.execute("SELECT count(DISTINCT ino) FROM cache_parts WHERE etag = ''").fetchone()[0]
         if dirty:
@@ -338,9 +351,10 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         conn.execute("DELETE FROM cache_parts")
     db.set_setting(conn, "cache_layout", layout)
 
-    repo = Repository(
-        p.client(max_pool_connections=p.opts.max_connections), p.bucket, p.opts.max_connections, p.opts.sse_kms_key_id
-    )
+    client = p.client(max_pool_connections=p.opts.max_connections)
+    credentials = boto3.session.Session(profile_name=p.profile).get_credentials()
+    fast = FastPath.create(client, p.bucket, credentials, p.opts.max_connections)
+    repo = Repository(client, p.bucket, p.opts.max_connections, p.opts.sse_kms_key_id, fast)
     defaults = Defaults(p.opts.uid, p.opts.gid, p.opts.file_mode, p.opts.dir_mode)
     export_url = s3client.S3Url.parse(repo_conf.get("ExportPath") or repo_conf["ImportPath"])
     target = ExportTarget.of(p.import_prefix, export_url.prefix if export_url else p.import_prefix)

@@ -10,15 +10,14 @@ background. The formatting functions at the top are what the CLI prints; the res
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import control_client
 from .cache import ObjectVersion, first_error
 from .namespace import ORPHAN, NoEntry
 from .repository import RepositoryError
@@ -48,10 +47,6 @@ ARCHIVE_ID = 1  # FSx shows archive_id:1 for every file with a copy in S3
 MAX_ARCHIVE_ATTEMPTS = 3  # an archive retried while the file keeps changing under it
 RESTORES_AT_ONCE = 8
 ARCHIVE_ERRNO = {"ResourceBusy": errno.EBUSY, "PathSizeTooLong": errno.ENAMETOOLONG, "FileSizeTooLarge": errno.EFBIG}
-
-
-XATTR_PREFIX = "user.lustrefs."  # the control channel: extended attributes of files in the mount
-ERROR_XATTR = XATTR_PREFIX + "error"  # the message of the last failed action on a file
 
 
 def format_state(path: str, flags: int, archive_id: int) -> str:
@@ -234,32 +229,21 @@ class Hsm:
 
 
 def read_state(path: str) -> str:
-    """``lfs hsm_state`` of one file, through the mount. Raises OSError."""
-    state = json.loads(os.getxattr(path, XATTR_PREFIX + "hsm_state"))
+    """``lfs hsm_state`` of one file, through the mount. Raises OSError (control_client's errors)."""
+    state = control_client.request(path, "hsm_state")
     return format_state(path, state["flags"], state["archive_id"])
 
 
 def read_action(path: str) -> str:
-    """``lfs hsm_action`` of one file, through the mount. Raises OSError."""
-    action = json.loads(os.getxattr(path, XATTR_PREFIX + "hsm_action"))
+    """``lfs hsm_action`` of one file, through the mount. Raises OSError (control_client's errors)."""
+    action = control_client.request(path, "hsm_action")
     return format_action(path, action["action"], action["state"], action["bytes"])
 
 
 def request(path: str, action: str) -> None:
     """Ask the daemon for ``action`` (hsm_archive, hsm_release, hsm_restore) on one file; waits for it.
 
-    Raises OSError whose ``strerror`` is the daemon's explanation (``PathSizeTooLong: …``) when it gave one.
+    Raises control_client.ControlError, whose ``strerror`` is the daemon's explanation (``PathSizeTooLong: …``),
+    or another OSError (control_client.NotLustrefs outside a lustrefs mount).
     """
-    os.getxattr(path, XATTR_PREFIX + "hsm_state")  # ENODATA outside a lustrefs mount: set nothing there
-    try:
-        os.setxattr(path, XATTR_PREFIX + action, b"")
-    except OSError as exc:
-        raise OSError(exc.errno, daemon_error(path) or exc.strerror, path) from None
-
-
-def daemon_error(path: str) -> str | None:
-    """The daemon's message about the last action on ``path`` that failed, if it has one."""
-    try:
-        return os.getxattr(path, ERROR_XATTR).decode(errors="replace")
-    except OSError:
-        return None
+    control_client.request(path, action)

@@ -218,11 +218,11 @@ class Importer:
             while True:
                 page = await self.repo.list_page(spec.prefix, token)
                 result.requests += 1
-                dirs.update(n for p in page.prefixes if not paths.name_problem(n := spec.child_name(p)))
+                dirs.update(n for p in page.prefixes if not paths.entry_problem(dir_key, n := spec.child_name(p)))
                 files.update(
                     (n, o)
                     for o in page.objects
-                    if not o.key.endswith("/") and not paths.name_problem(n := spec.child_name(o.key))
+                    if not o.key.endswith("/") and not paths.entry_problem(dir_key, n := spec.child_name(o.key))
                 )
                 token = page.next_token
                 if token is None:

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
+# The control file's inode (paths.CONTROL_NAME at the root, served by lustrefs.control_channel): the largest
+# rowid SQLite allows, which AUTOINCREMENT never hands out (it fails with SQLITE_FULL instead).
+CONTROL_INODE = 2**63 - 1
 DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
 IMPLIED = ""
 _S_IFMT = (
@@ -250,8 +253,9 @@ class Namespace:
         if after == 0:
             self._list_subdirs_ahead(parent)
         rows = self.conn.execute(
-            "SELECT * FROM inodes WHERE parent = ? AND ino > ? AND ino != ? ORDER BY ino LIMIT ?",
-            (parent, after, ROOT_INODE, limit),
+            "SELECT * FROM inodes WHERE parent = ? AND ino > ? AND ino != ? AND NOT (parent = ? AND name = ?)"
+            " ORDER BY ino LIMIT ?",
+            (parent, after, ROOT_INODE, ROOT_INODE, paths.CONTROL_NAME, limit),  # hidden by the control file
         ).fetchall()
         pending = [r["ino"] for r in rows if r["meta_etag"] is None]
         if pending:
@@ -359,8 +363,8 @@ class Namespace:
         try:
             spec = paths.listing_for(dir_key, self.import_prefix)
             if spec is not None and spec.only_child is not None:
-                if problem := paths.name_problem(spec.only_child):
-                    self._skip_not_posix(dir_key + spec.only_child + "/", problem)
+                if problem := paths.entry_problem(dir_key, spec.only_child):
+                    self._skip(dir_key + spec.only_child + "/", problem)
                 elif await self.repo.any_key(spec.prefix):
                     with db.transaction(self.conn):
                         self._add_dir(ino, spec.only_child, dir_key + spec.only_child + "/")
@@ -391,8 +395,8 @@ class Namespace:
         """Insert one listing page (in the caller's transaction). Directories win over files of the same name."""
         for prefix in prefixes:
             name = spec.child_name(prefix)
-            if problem := paths.name_problem(name):
-                self._skip_not_posix(prefix, problem)
+            if problem := paths.entry_problem(spec.dir_prefix, name):
+                self._skip(prefix, problem)
                 continue
             existing = self._child(parent, name)
             if existing is None:
@@ -415,8 +419,8 @@ class Namespace:
             if obj.key.endswith("/"):
                 continue  # the directory's own marker object: its metadata is read by the parent's HEAD
             name = spec.child_name(obj.key)
-            if problem := paths.name_problem(name):
-                self._skip_not_posix(obj.key, problem)
+            if problem := paths.entry_problem(spec.dir_prefix, name):
+                self._skip(obj.key, problem)
                 continue
             existing = self._child(parent, name)
             if existing is not None:
@@ -429,11 +433,12 @@ class Namespace:
         meta = None if self.posix_metadata else IMPLIED
         self._queue_head(self._insert(parent, name, stat.S_IFDIR | self.defaults.dir_mode, key, meta_etag=meta))
 
-    def _skip_not_posix(self, key: str, problem: str) -> None:
+    def _skip(self, key: str, problem: str) -> None:
+        """A key or common prefix that cannot be an entry (paths.entry_problem says why) is left out."""
         self.events.emit(
             "WARN",
             "S3ObjectPathNotPosixCompliant",
-            f"Skipped S3 object with key {key} in S3 bucket {self.repo.bucket}: not a POSIX path ({problem}).",
+            f"Skipped S3 object with key {key} in S3 bucket {self.repo.bucket}: {problem}.",
             key=key,
         )
 
@@ -552,7 +557,7 @@ class Namespace:
         self, parent: int, name: str, mode: int, owner: tuple[int, int], target: str | None = None
     ) -> sqlite3.Row:
         """A new file, directory or symlink (``target``); owned by ``owner``, setgid directories honoured."""
-        _check_new_name(name)
+        _check_new_name(parent, name)
         dir_row = await self._writable_dir(parent)
         if self._child(parent, name) is not None:
             raise FileExistsError(name)
@@ -582,6 +587,7 @@ class Namespace:
 
     async def unlink(self, parent: int, name: str, want_dir: bool) -> None:
         """Remove a name (``rmdir`` with ``want_dir``); its object is deleted from the export prefix."""
+        _check_not_reserved(parent, name)
         await self._writable_dir(parent)
         row = self._child(parent, name)
         if row is None:
@@ -619,7 +625,8 @@ class Namespace:
 
     async def rename(self, parent: int, name: str, new_parent: int, new_name: str, noreplace: bool) -> None:
         """Move an entry; a directory's whole subtree is loaded first, and every entry in it re-exported."""
-        _check_new_name(new_name)
+        _check_not_reserved(parent, name)
+        _check_new_name(new_parent, new_name)
         await self._writable_dir(parent)
         await self._writable_dir(new_parent)
         row = self._child(parent, name)
@@ -762,7 +769,14 @@ class Namespace:
         self._purge_if_unused(row["ino"])
 
 
-def _check_new_name(name: str) -> None:
+def _check_not_reserved(parent: int, name: str) -> None:
+    """The control file's name at the root is not the namespace's to create, remove or rename (EPERM)."""
+    if parent == ROOT_INODE and name == paths.CONTROL_NAME:
+        raise OSError(errno.EPERM, f"{name} at the root is reserved for the control file")
+
+
+def _check_new_name(parent: int, name: str) -> None:
+    _check_not_reserved(parent, name)
     if len(os.fsencode(name)) > paths.NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, name)
     if problem := paths.name_problem(name):

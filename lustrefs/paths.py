@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NAME_MAX = 255
+CONTROL_NAME = ".lustrefs"  # the daemon's control file at the mount root (lustrefs.control_channel): reserved there
 
 
 def name_problem(name: str) -> str | None:
@@ -23,6 +24,20 @@ def name_problem(name: str) -> str | None:
         return "NUL in path component"
     if len(name.encode()) > NAME_MAX:
         return f"path component longer than {NAME_MAX} bytes"
+    return None
+
+
+def is_reserved(dir_prefix: str, name: str) -> bool:
+    """Whether ``name`` is reserved in the directory ``dir_prefix``: the control file's name at the root."""
+    return dir_prefix == "" and name == CONTROL_NAME
+
+
+def entry_problem(dir_prefix: str, name: str) -> str | None:
+    """Why a listed ``name`` cannot be an entry of the directory ``dir_prefix`` (``""``: the root), or None."""
+    if problem := name_problem(name):
+        return f"not a POSIX path ({problem})"
+    if is_reserved(dir_prefix, name):
+        return f"{CONTROL_NAME} at the root of the file system is reserved for the control file of its mounts"
     return None
 
 

@@ -6,6 +6,7 @@ pool (the mount's connection budget). Failures become ``RepositoryError`` subcla
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,9 @@ from typing import Any, TypeVar
 
 import botocore.exceptions
 import trio
+
+from .fastpath import FastPath, user_metadata
+from .s3client import parse_timestamp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,11 +95,23 @@ def _etag(raw: str) -> str:
     return raw.strip('"')
 
 
+def _ns(when: datetime.datetime) -> int:
+    return int(when.timestamp() * 1e9)
+
+
 class Repository:
     """The bucket behind a mount; ``client`` is a boto3 S3 client (thread-safe, shared by the workers)."""
 
-    def __init__(self, client: Any, bucket: str, max_connections: int, kms_key_id: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        max_connections: int,
+        kms_key_id: str | None = None,
+        fast: FastPath | None = None,
+    ) -> None:
         self.client = client
+        self.fast = fast  # GETs and HEADs go this way first (lustrefs.fastpath)
         self.bucket = bucket
         self.kms_key_id = kms_key_id
         self.limiter = trio.CapacityLimiter(max_connections)
@@ -127,8 +143,7 @@ class Repository:
             f"LIST s3://{self.bucket}/{prefix}", "LIST", lambda: self.client.list_objects_v2(**kwargs)
         )
         objects = [
-            ObjectInfo(o["Key"], o["Size"], _etag(o["ETag"]), int(o["LastModified"].timestamp() * 1e9))
-            for o in resp.get("Contents", [])
+            ObjectInfo(o["Key"], o["Size"], _etag(o["ETag"]), _ns(o["LastModified"])) for o in resp.get("Contents", [])
         ]
         prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", [])]
         return Page(prefixes, objects, resp.get("NextContinuationToken") if resp.get("IsTruncated") else None)
@@ -144,23 +159,24 @@ class Repository:
 
     async def head(self, key: str) -> ObjectInfo:
         """``HeadObject``: size, ETag, Last-Modified and user metadata. Raises NotFound."""
-        resp = await self._call(
-            f"HEAD s3://{self.bucket}/{key}",
-            "HEAD",
-            lambda: self.client.head_object(Bucket=self.bucket, Key=key),
-        )
-        return ObjectInfo(
-            key,
-            resp["ContentLength"],
-            _etag(resp["ETag"]),
-            int(resp["LastModified"].timestamp() * 1e9),
-            resp.get("Metadata", {}),
-        )
+
+        def head() -> ObjectInfo:
+            if self.fast is not None and (h := self.fast.head(key)) is not None:
+                modified = parse_timestamp(h["last-modified"])
+                return ObjectInfo(key, int(h["content-length"]), _etag(h["etag"]), _ns(modified), user_metadata(h))
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+            return ObjectInfo(
+                key, resp["ContentLength"], _etag(resp["ETag"]), _ns(resp["LastModified"]), resp.get("Metadata", {})
+            )
+
+        return await self._call(f"HEAD s3://{self.bucket}/{key}", "HEAD", head)
 
     async def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object version ``etag``. Raises VersionChanged if it is gone."""
 
         def get() -> bytes:
+            if self.fast is not None and (data := self.fast.get(key, etag, start, end)) is not None:
+                return data
             resp = self.client.get_object(
                 Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"'
             )

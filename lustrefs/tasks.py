@@ -1,9 +1,9 @@
 """Data repository tasks: CreateDataRepositoryTask, DescribeDataRepositoryTasks, CancelDataRepositoryTask.
 
 Tasks work on the data in a daemon's cache, so they need the file system mounted. The CLI validates a
-request, then hands the new task to the daemon through the mount root (``setxattr(mountpoint,
-"user.lustrefs.task", <task JSON>)``; cancel: ``user.lustrefs.task_cancel``). The daemon runs tasks one at a
-time in creation order (the others wait as PENDING) and keeps each one as JSON in
+request, then hands the new task to the daemon through the mount's control file (the ``task`` request on the
+mount root, its value the task JSON; cancel: ``task_cancel``, see lustrefs.control_channel). The daemon runs tasks
+one at a time in creation order (the others wait as PENDING) and keeps each one as JSON in
 ``<fs dir>/tasks/<task-id>.json``, written atomically, which ``describe`` reads without the daemon.
 
 After a restart, a task that was EXECUTING when its daemon stopped is FAILED (files already processed stay
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import hsm, records
+from . import control_client, hsm, records
 from .errors import FsxError
 from .hsm import ActionError
 from .namespace import ORPHAN, ROOT_INODE, NoEntry
@@ -64,8 +64,6 @@ MAX_PATHS = 100
 MAX_PATH_CHARS = 4096
 MAX_TASK_IDS = 50
 
-TASK_XATTR = "user.lustrefs.task"
-CANCEL_XATTR = "user.lustrefs.task_cancel"
 SAVE_INTERVAL = 0.5  # seconds between two writes of a running task's Status
 PARALLEL_EXPORTS = 8
 NS_PER_DAY = 86_400 * 10**9
@@ -165,7 +163,7 @@ def create_data_repository_task(request: dict[str, Any]) -> dict[str, Any]:
                 " system. Wait until it has completed, then create the task again.",
                 CREATE,
             )
-    _send(mountpoint, TASK_XATTR, json.dumps(task).encode(), CREATE)
+    _send(mountpoint, "task", json.dumps(task), CREATE)
     return {"DataRepositoryTask": public(load_task(task["FileSystemId"], task["TaskId"]) or task)}
 
 
@@ -266,22 +264,19 @@ def _relative(path: str, mountpoint: str) -> str:
     return path
 
 
-def _send(mountpoint: str, name: str, value: bytes, operation: str) -> None:
-    """Set a control attribute on the mount root; the daemon's refusal becomes an FsxError."""
+def _send(mountpoint: str, op: str, value: str, operation: str) -> None:
+    """Send a request about the mount root to its daemon; the daemon's refusal becomes an FsxError."""
     try:
-        os.getxattr(mountpoint, "user.lustrefs.stats")
+        control_client.request(mountpoint, op, value)
+    except control_client.ControlError as exc:
+        if exc.code and re.fullmatch(r"[A-Za-z]+", exc.code):
+            raise FsxError(exc.code, exc.message, operation) from None
+        code = ERROR_CODES.get(exc.errno or 0, "BadRequest")
+        raise FsxError(code, f"The file system daemon refused: {exc.strerror}", operation) from None
     except OSError:
         raise _bad(
             f"{mountpoint} does not answer as a lustrefs mount; is the file system mounted?", operation
         ) from None
-    try:
-        os.setxattr(mountpoint, name, value)
-    except OSError as exc:
-        code, message = ERROR_CODES.get(exc.errno or 0, "BadRequest"), f"The file system daemon refused: {exc.strerror}"
-        detail = hsm.daemon_error(mountpoint)  # "<FSx error code>: <message>"
-        if detail and re.fullmatch(r"[A-Za-z]+", detail.partition(": ")[0]):
-            code, _, message = detail.partition(": ")
-        raise FsxError(code, message, operation) from None
 
 
 def describe_data_repository_tasks(
@@ -342,7 +337,7 @@ def cancel_data_repository_task(task_id: str) -> dict[str, Any]:
         raise FsxError("DataRepositoryTaskEnded", f"Data repository task {task_id} has already ended.", CANCEL)
     state = records.mount_state(fs_id)
     if state is not None:
-        _send(state["mountpoint"], CANCEL_XATTR, task_id.encode(), CANCEL)
+        _send(state["mountpoint"], "task_cancel", task_id, CANCEL)
     else:  # no daemon: nothing runs it, cancel the record itself
         with _locked(fs_id):
             task = load_task(fs_id, task_id) or task
@@ -438,7 +433,7 @@ class TaskRunner:
                 elif task["Lifecycle"] == "PENDING":
                     self.queue.append(task["TaskId"])
 
-    def submit(self, value: bytes) -> None:
+    def submit(self, value: str) -> None:
         """Accept a new task (the JSON the CLI built and validated). Raises ActionError."""
         try:
             task = json.loads(value)
@@ -463,9 +458,9 @@ class TaskRunner:
         self.queue.append(task["TaskId"])
         self._wake.set()
 
-    def cancel(self, value: bytes) -> None:
+    def cancel(self, value: str) -> None:
         """Cancel a task: a PENDING one at once, an EXECUTING one once its in-flight files finish."""
-        task_id = value.decode(errors="replace").strip()
+        task_id = value.strip()
         task = load_task(self.fs_id, task_id) if TASK_ID.match(task_id) else None
         if task is None:
             raise ActionError(errno.ENOENT, "DataRepositoryTaskNotFound", f"Data repository task {task_id} not found.")

@@ -232,10 +232,10 @@ class Writeback:
         else:
             data = FileData(ino, row["size"], source, bool(row["dirty"] & DATA))
             if row["size"] <= self.upload_part:
-                etag = await self.repo.put(desired, await self.cache.read(data, 0, row["size"]), meta)
+                etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, row["size"]), meta)
             else:
                 etag = await self.repo.multipart_upload(
-                    desired, row["size"], self.upload_part, lambda off, n: self.cache.read(data, off, n), meta
+                    desired, row["size"], self.upload_part, lambda off, n: self.cache.read_bytes(data, off, n), meta
                 )
         if old_key and old_key != desired and "DELETED" in self.policy():
             await self.repo.delete(old_key)

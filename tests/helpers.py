@@ -34,7 +34,7 @@ from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.s3.models import s3_backends  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from lustrefs import cli, records, s3client  # noqa: E402
+from lustrefs import cli, control_client, records, s3client  # noqa: E402
 
 LUSTREFS = str(Path(sys.executable).parent / "lustrefs")
 
@@ -125,7 +125,7 @@ class Mounted:
         return records.home_dir() / self.fs_id
 
     def stats(self) -> dict[str, Any]:
-        return json.loads(os.getxattr(self.path, "user.lustrefs.stats"))
+        return control_client.request(str(self.path), "stats")
 
     def events(self) -> list[dict[str, Any]]:
         path = self.state_dir / "events.jsonl"

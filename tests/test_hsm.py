@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
@@ -134,31 +136,45 @@ def test_only_root_or_the_owner_may_act_on_a_file(moto: MotoEndpoint, s3: Any, b
     try:
         os.chmod(m.path, 0o777)
         roots = m.path / "roots.bin"
-        os.chmod(roots, 0o666)  # writable by anyone: the kernel lets the request through, the daemon decides
+        os.chmod(roots, 0o666)  # writable by anyone: still only root or its owner may act on it
         wait_for(lambda: "dirty" not in state(roots), 30, "the export of the chmod")
         assert roots.read_bytes() == b"r" * 1000
         theirs = m.path / "theirs.txt"
 
         def as_user(code: str) -> subprocess.CompletedProcess[str]:
+            """Run ``code`` as uid 2000 with ``ask(path, op)``: one request through the control file, by hand."""
+            ask = (
+                "def ask(path, op):\n"
+                f"    fd = os.open({str(m.path / '.lustrefs')!r}, os.O_RDWR)\n"
+                "    os.write(fd, json.dumps({'op': op, 'ino': os.stat(path).st_ino}).encode() + b'\\n')\n"
+                "    out = b''\n"
+                "    while chunk := os.pread(fd, 65536, len(out)):\n"
+                "        out += chunk\n"
+                "    os.close(fd)\n"
+                "    return json.loads(out)\n"
+            )
             return subprocess.run(
-                [SYSTEM_PYTHON, "-c", f"import os, sys\n{code}"], user=2000, group=2000, capture_output=True,
+                [SYSTEM_PYTHON, "-c", f"import json, os\n{ask}{code}"], user=2000, group=2000, capture_output=True,
                 text=True, timeout=60,
             )  # fmt: skip
 
         for action in ("hsm_release", "hsm_archive", "hsm_restore"):
-            res = as_user(f"os.setxattr({str(roots)!r}, 'user.lustrefs.{action}', b'')")
-            assert "PermissionError: [Errno 1] Operation not permitted" in res.stderr, res.stderr
-        res = as_user(f"print(os.getxattr({str(roots)!r}, 'user.lustrefs.error').decode())")
-        assert res.stdout == "AccessDenied: only root or the owner may restore this file\n"
+            res = as_user(f"print(json.dumps(ask({str(roots)!r}, {action!r})))")
+            assert json.loads(res.stdout) == {
+                "ok": False,
+                "errno": errno.EPERM,
+                "code": "AccessDenied",
+                "message": f"only root or the owner may {action.removeprefix('hsm_')} this file",
+            }, res.stderr
         assert state(roots) == flags(roots, ARCHIVED)  # nothing was released
 
         res = as_user(
             f"open({str(theirs)!r}, 'w').write('mine')\n"
-            f"os.setxattr({str(theirs)!r}, 'user.lustrefs.hsm_archive', b'')\n"
-            f"print(os.getxattr({str(theirs)!r}, 'user.lustrefs.hsm_state').decode())"
+            f"assert ask({str(theirs)!r}, 'hsm_archive') == {{'ok': True, 'value': None}}\n"
+            f"print(json.dumps(ask({str(theirs)!r}, 'hsm_state')))"
         )
         assert res.returncode == 0, res.stderr
-        assert res.stdout == '{"flags": 9, "archive_id": 1}\n'  # the owner archived their own file
+        assert json.loads(res.stdout) == {"ok": True, "value": {"flags": 9, "archive_id": 1}}  # the owner archived it
         assert body(s3, bucket, "exp/theirs.txt") == b"mine"
         assert hsm("hsm_release", roots) == (0, "", "")  # root may
         assert state(roots) == flags(roots, RELEASED)

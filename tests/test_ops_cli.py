@@ -53,7 +53,7 @@ def test_hsm_commands_leave_other_file_systems_alone(tmp_path: Path) -> None:
         f"Cannot send HSM request (use of {f}): not a file of a lustrefs mount\n",
     )
     assert run_cli("hsm_state", str(f)) == (1, "", f"can't get hsm state for {f}: not a file of a lustrefs mount\n")
-    assert os.listxattr(f) == []  # no user.lustrefs.* attribute was set on it
+    assert os.listxattr(f) == []  # nothing was set on it
 
 
 def row(**kw: Any) -> dict[str, Any]:
