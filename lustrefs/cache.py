@@ -21,7 +21,6 @@ import collections
 import contextlib
 import errno
 import fcntl
-import functools
 import hashlib
 import logging
 import mmap
@@ -248,8 +247,7 @@ class Cache:
             self._nursery.start_soon(self._prefetch_run, obj, run, self._register(obj, run))
         keys = [(obj.ino, obj.etag, p) for p in parts]
         on_disk = [self.path_of(k) for k in keys if k in self._lru and k not in self._recent]
-        if on_disk:
-            self._nursery.start_soon(functools.partial(trio.to_thread.run_sync, _will_need, on_disk))
+        _will_need(on_disk)  # starts the disk reads and returns: no thread hop needed
 
     async def _prefetch_run(self, obj: ObjectVersion, run: list[int], fetch: _Fetch) -> None:
         try:
@@ -743,7 +741,7 @@ def _pread_cached(path: Path, lo: int, hi: int) -> bytearray | None:
 
 
 def _will_need(paths: list[Path]) -> None:
-    """Ask the kernel to read these part files into the page cache, asynchronously (worker thread)."""
+    """Ask the kernel to read these part files into the page cache; it starts the reads and does not wait."""
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             fd = os.open(path, os.O_RDONLY)
