@@ -355,7 +355,10 @@ class Cache:
                 self._remember(key, piece)
             writes = [(self.path_of(k), piece) for k, piece in zip(keys, pieces, strict=True)]
             try:
-                await trio.to_thread.run_sync(_write_parts, writes, True, limiter=self._disk)
+                if end - start < _DIRECT_MIN:  # a small file: a page-cache write costs less than a thread hop
+                    _write_parts(writes)
+                else:
+                    await trio.to_thread.run_sync(_write_parts, writes, True, limiter=self._disk)
             except OSError as exc:  # the readers had the data; it is fetched again when needed
                 log.warning("could not write parts %s of %s to the cache: %s", run, obj.key, exc)
                 return
