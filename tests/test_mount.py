@@ -216,6 +216,9 @@ def test_cache_survives_remount(moto: MotoEndpoint, s3: Any, bucket: str, home: 
             assert snapshot["read_bytes"] == len(data)
             # First read: served from memory as the GETs return; after the remount: from the disk.
             assert (snapshot["memory_hits"] > 0) == (round_ == 0)
+            # The GETs (and HEADs) went the fast path, with no fallback to boto3.
+            fast = m.stats()["fast_path"]
+            assert fast["passed"] == 0 and (fast["answered"] > 0) == (round_ == 0)
             m.unmount()
         finally:
             m.cleanup()
