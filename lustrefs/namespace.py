@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import cachetools
 import trio
 
 from . import db, metadata, paths
@@ -111,6 +112,8 @@ class Namespace:
         self.on_closed: Callable[[int], None] = lambda ino: None  # the last file handle of an inode closed
         self.lookup_counts: dict[int, int] = {}
         self._listings: dict[int, _Listing] = {}
+        # Unlisted directories that had one targeted lookup: the second starts their listing in the background.
+        self._looked_up_once: cachetools.LRUCache[int, bool] = cachetools.LRUCache(maxsize=10_000)
         self._heads: dict[int, _Head] = {}
         self._head_send, self._head_recv = trio.open_memory_channel[int](math.inf)
         self._nursery: trio.Nursery | None = None
@@ -231,7 +234,10 @@ class Namespace:
             await self._wait_listed(dir_row, until=None)
             return
         assert self._nursery is not None
-        self._nursery.start_soon(self._list_in_background, dir_row["ino"])  # the next lookups will want it
+        if self._looked_up_once.pop(dir_row["ino"], False):  # a second name: a scan of it is likely, list it
+            self._nursery.start_soon(self._list_in_background, dir_row["ino"])
+        else:  # opening one file by its path costs one LIST per directory, and nothing in the background
+            self._looked_up_once[dir_row["ino"]] = True
         page = await self.repo.list_page(key, None, max_keys=100)
         if key + "/" in page.prefixes:
             found: tuple[list[str], list[ObjectInfo]] = ([key + "/"], [])  # a directory wins over a file

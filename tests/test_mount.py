@@ -124,13 +124,23 @@ def test_directory_of_10000_objects(moto: MotoEndpoint, bucket: str, mounter: An
     assert requests["HEAD"] == 0  # posix_metadata=off
 
 
-def test_lookup_in_unlisted_directory_waits_only_for_its_entry(s3: Any, bucket: str, mounter: Any) -> None:
+def test_lookup_in_unlisted_directory_waits_only_for_its_entry(
+    moto: MotoEndpoint, s3: Any, bucket: str, mounter: Any
+) -> None:
     s3.put_object(Bucket=bucket, Key="d/x", Body=b"1", Metadata=meta("0100600", 7, 8))
+    for i in range(1500):  # a listing of d would take two pages
+        moto.backend.put_object(bucket, f"d/y{i:04d}", b"")
     m = mounter(f"s3://{bucket}")
     st = os.stat(m.path / "d/x")  # no readdir before: lookup of d, then of x
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (7, 8, 0o600)
+    # One targeted LIST per directory and nothing else: opening a file by its path lists no directory.
+    assert m.stats()["requests"]["LIST"] == 2
     with pytest.raises(FileNotFoundError):
         os.stat(m.path / "d/missing")
+    # A second name looked up in d: d is listed in the background (two pages), for the names likely to follow.
+    wait_for(lambda: m.stats()["requests"]["LIST"] == 2 + 1 + 2, 30, "the background listing of d")
+    assert len(os.listdir(m.path / "d")) == 1501
+    assert m.stats()["requests"]["LIST"] == 5
 
 
 def test_multi_chunk_file_on_striped_targets(s3: Any, bucket: str, mounter: Any, tmp_path: Path) -> None:
