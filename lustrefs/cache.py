@@ -738,6 +738,10 @@ def _pread_cached(path: Path, lo: int, hi: int) -> bytearray | None:
             n = os.preadv(fd, [buf], lo, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
+        except OSError as exc:  # RWF_NOWAIT not supported here (tmpfs: EOPNOTSUPP): read in a worker thread
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
         return buf if n == len(buf) else None
     finally:
         os.close(fd)

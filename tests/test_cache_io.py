@@ -65,6 +65,18 @@ def test_pread_cached_reads_pages_in_memory(tmp_path: Path) -> None:
         cache._pread_cached(tmp_path / "missing", 0, 1)
 
 
+def test_pread_cached_where_rwf_nowait_is_not_supported(tmp_path: Path) -> None:
+    """tmpfs answers RWF_NOWAIT with EOPNOTSUPP: no answer (the caller reads in a thread), not an error."""
+    for base in _dirs(tmp_path)[1:]:
+        base.mkdir()
+        try:
+            path = base / "f"
+            path.write_bytes(b"0123456789")
+            assert cache._pread_cached(path, 2, 6) in (None, bytearray(b"2345"))
+        finally:
+            shutil.rmtree(base)
+
+
 def test_joined_avoids_a_copy_for_one_piece() -> None:
     view = memoryview(b"abcdef")[1:4]
     assert cache._joined([view, b""]) is view

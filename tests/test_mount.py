@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import shutil
 import stat
 import subprocess
 import threading
@@ -174,6 +175,29 @@ def test_multi_chunk_file_on_striped_targets(s3: Any, bucket: str, mounter: Any,
     gets = m.stats()["requests"]["GET"]
     assert file_sha(m.path / "f.bin") == sha(data)
     assert m.stats()["requests"]["GET"] == gets
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no tmpfs at /dev/shm")
+def test_cache_on_tmpfs(moto: MotoEndpoint, s3: Any, bucket: str, home: Path, tmp_path: Path) -> None:
+    """A cache target on tmpfs (no RWF_NOWAIT there) serves reads from its part files after a remount."""
+    data = blob(3 * MIB + 5, seed=6)
+    s3.put_object(Bucket=bucket, Key="t.bin", Body=data)
+    target = Path("/dev/shm") / f"lustrefs-test-{os.getpid()}-{tmp_path.name}"
+    fs_id = create_fs(moto, f"s3://{bucket}")
+    try:
+        for round_ in range(2):
+            res, m = mount_fs(fs_id, tmp_path / "mnt", f"cache_dir={target}")
+            assert m is not None, res.stderr
+            try:
+                assert file_sha(m.path / "t.bin") == sha(data)
+                # Second round: read from the part files on tmpfs, nothing fetched.
+                assert m.stats()["cache"]["bytes_fetched"] == (len(data) if round_ == 0 else 0)
+                wait_for(lambda m=m: m.stats()["cache"]["writing"] == 0, 30, "the parts to be written")
+                m.unmount()
+            finally:
+                m.cleanup()
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def test_concurrent_readers_share_downloads(s3: Any, bucket: str, mounter: Any) -> None:
