@@ -750,7 +750,7 @@ def _pread_cached(path: Path, lo: int, hi: int) -> bytearray | None:
 def _will_need(paths: list[Path]) -> None:
     """Ask the kernel to read these part files into the page cache; it starts the reads and does not wait."""
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # advice only: a part gone or a file system without it changes nothing
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
