@@ -9,10 +9,12 @@ Concurrent readers of a missing part share one download; parts being read are pi
 
 Fetched data is served from memory first: the parts of recent GETs stay in a bounded in-memory set
 (``recent_bytes``) from the moment the GET returns, so readers never wait for the disk write nor read the
-part back. Clean parts are written with ``O_DIRECT`` where the file system allows it: the data does not pass
-through the page cache a second time (the FUSE file's pages already hold it), which halves the kernel's
-copying per byte. Reads of parts on disk run in worker threads, and the read-ahead warms the parts ahead
-of a reader with ``POSIX_FADV_WILLNEED``.
+part back. Clean parts of 256 KiB or more are written with ``O_DIRECT`` where the file system allows it, in
+a worker thread: the data does not pass through the page cache a second time (the FUSE file's pages already
+hold it), which halves the kernel's copying per byte; smaller runs (small files) are written on the trio
+thread, cheaper than a thread hop. A part on disk is read on the trio thread when the page cache holds it
+(``RWF_NOWAIT``), else in a worker thread; the read-ahead warms the parts ahead of a reader with
+``POSIX_FADV_WILLNEED``.
 """
 
 from __future__ import annotations
