@@ -308,6 +308,8 @@ def test_reads_are_pinned_to_the_listed_version(s3: Any, bucket: str, mounter: A
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         assert os.pread(fd, 4096, MIB + 1) == old[MIB + 1 : MIB + 1 + 4096]  # a random read: no read-ahead
+        # Its part comes into the cache in the background, after the read's own small GET.
+        wait_for(lambda: m.stats()["cache"]["bytes_fetched"] == MIB, 30, "the part of the first read")
         s3.put_object(Bucket=bucket, Key="v.bin", Body=new)  # overwritten behind the mount
         with pytest.raises(OSError) as exc:
             os.pread(fd, 4096, 0)  # an uncached part of the old version: never mixed with the new one
