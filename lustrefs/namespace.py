@@ -27,7 +27,7 @@ import trio
 from . import db, metadata, paths
 from .cache import first_error
 from .events import EventLog
-from .repository import AccessDenied, NotFound, ObjectInfo, Repository, RepositoryError
+from .repository import AccessDenied, NotFound, ObjectInfo, Page, Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -375,16 +375,9 @@ class Namespace:
                     with db.transaction(self.conn):
                         self._add_dir(ino, spec.only_child, dir_key + spec.only_child + "/")
             elif spec is not None:
-                token = None
-                while True:
-                    page = await self.repo.list_page(spec.prefix, token)
-                    with db.transaction(self.conn):
-                        self._apply_page(ino, spec, page.prefixes, page.objects)
-                    keys = page.prefixes + [o.key for o in page.objects]
-                    listing.advance(max(keys) if keys else None)
-                    token = page.next_token
-                    if token is None:
-                        break
+                page: Page | None = await self.repo.list_page(spec.prefix, None)
+                while page is not None:
+                    page = await self._apply_while_fetching_next(ino, spec, page, listing)
             self.conn.execute("UPDATE inodes SET listed = 1 WHERE ino = ?", (ino,))
         except RepositoryError as exc:
             log.warning("listing of %r failed: %s", dir_key, exc)
@@ -396,6 +389,29 @@ class Namespace:
             listing.done = True
             listing.advance()
             del self._listings[ino]
+
+    async def _apply_while_fetching_next(
+        self, ino: int, spec: paths.Listing, page: Page, listing: _Listing
+    ) -> Page | None:
+        """Store one listing page while the next one is requested (the endpoint works while this thread does);
+        returns the next page, or None after the last."""
+        following: list[Page] = []
+
+        async def fetch(token: str) -> None:
+            following.append(await self.repo.list_page(spec.prefix, token))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if page.next_token is not None:
+                    nursery.start_soon(fetch, page.next_token)
+                    await trio.sleep(0)  # let the request reach its worker thread before the page is stored
+                with db.transaction(self.conn):
+                    self._apply_page(ino, spec, page.prefixes, page.objects)
+                keys = page.prefixes + [o.key for o in page.objects]
+                listing.advance(max(keys) if keys else None)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        return following[0] if following else None
 
     def _apply_page(self, parent: int, spec: paths.Listing, prefixes: list[str], objects: list[ObjectInfo]) -> None:
         """Insert one listing page (in the caller's transaction). Directories win over files of the same name."""
