@@ -239,17 +239,17 @@ class Cache:
         return _joined(pieces)
 
     def prefetch(self, obj: ObjectVersion, off: int, end: int) -> None:
-        """Start fetching ``[off, end)`` of ``obj`` in the background (parts not present or in flight), and
-        start reading the parts of it that are on disk into the page cache."""
+        """Start fetching ``[off, end)`` of ``obj`` in the background (parts not present or in flight)."""
         end = min(end, obj.size)
         if off >= end or self._nursery is None:
             return
-        parts = self._parts_of(off, end)
-        for run in self._runs(obj, self._absent(obj, parts)):
+        for run in self._runs(obj, self._absent(obj, self._parts_of(off, end))):
             self._nursery.start_soon(self._prefetch_run, obj, run, self._register(obj, run))
-        keys = [(obj.ino, obj.etag, p) for p in parts]
-        on_disk = [self.path_of(k) for k in keys if k in self._lru and k not in self._recent]
-        _will_need(on_disk)  # starts the disk reads and returns: no thread hop needed
+
+    def warm(self, obj: ObjectVersion, off: int, end: int) -> None:
+        """Start reading the parts of ``[off, end)`` that are on disk (not in memory) into the page cache."""
+        keys = [(obj.ino, obj.etag, p) for p in self._parts_of(off, min(end, obj.size))] if off < end else []
+        _will_need([self.path_of(k) for k in keys if k in self._lru and k not in self._recent])
 
     async def _prefetch_run(self, obj: ObjectVersion, run: list[int], fetch: _Fetch) -> None:
         try:

@@ -60,11 +60,9 @@ class FastPath:
         """A fast path for ``client``'s endpoint, or None where it would not behave like the client: no
         credentials, or a proxy configured for the endpoint (boto3 would go through it; this does not)."""
         url = client.meta.endpoint_url
-        host = urllib.parse.urlsplit(url).hostname or ""
-        proxies = urllib.request.getproxies()
-        if credentials is None or (
-            urllib.parse.urlsplit(url).scheme in proxies and not urllib.request.proxy_bypass(host)
-        ):
+        parts = urllib.parse.urlsplit(url)
+        proxied = parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+        if credentials is None or proxied:
             return None
         config = client.meta.config
         return cls(url, bucket, client.meta.region_name, credentials, max_connections,

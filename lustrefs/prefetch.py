@@ -62,7 +62,8 @@ class Prefetcher:
     def on_read(self, ra: ReadAhead, obj: ObjectVersion, off: int, size: int) -> None:
         rng = ra.plan(off, size, obj.size)
         if rng is not None:
-            self.cache.prefetch(obj, *rng)
+            self.cache.prefetch(obj, *rng)  # what is missing comes from S3,
+            self.cache.warm(obj, *rng)  # what is on disk into the page cache, ahead of the reader
 
     def on_open(self, parent: int, ino: int, siblings: Callable[[int], list[ObjectVersion]]) -> None:
         """A file was opened; ``siblings(n)`` gives the next ``n`` files of its directory in listing order."""
