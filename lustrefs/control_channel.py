@@ -24,9 +24,14 @@ Response::
     {"ok": true, "value": <the result, or null>}
     {"ok": false, "errno": <errno>, "code": <FSx error code, or null>, "message": "<why>"}
 
-The write returns once the request has run (``hsm_archive`` once the file is exported). Any user can read
-state; actions on another user's file need root (the uid of the process that opened the handle: pyfuse3
-gives ``write`` no caller).
+The write returns once the request has run (``hsm_archive`` once the file is exported). The caller is the
+process that opened the handle (pyfuse3 gives ``write`` no caller): its uid, gid, and the supplementary groups
+of ``/proc/<pid>/status`` at ``open`` (its gid alone if that process is gone or has other ids). The ops about
+one file answer only about a file the caller could open: search (x) permission on every directory above it and
+read permission on it, checked in POSIX order (owner, group, other), root passing every check, as the kernel
+does with ``default_permissions``. For anyone but root, any other inode (an unlinked one too: it has no path)
+answers ENOENT, as an inode that does not exist: the control file tells no one of entries they cannot reach.
+Of the files a user can open, it may read the state; the actions on another user's file need root.
 
 =====================  ========  =====================================================================
 op                     ino       meaning
@@ -51,6 +56,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -77,6 +83,27 @@ ATTR_TIMEOUT = 1.0  # seconds the kernel may keep the control file's entry and a
 FH_BASE = 1 << 48  # control file handles: far above those of fs.Operations, which count from 1
 
 Response = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a control handle acts for: the credentials of the process that opened it."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int]  # the gid and the supplementary groups
+
+    @classmethod
+    def of(cls, ctx: Any) -> Caller:
+        """The caller of pyfuse3's ``open`` (``ctx``); groups from ``/proc/<pid>/status``, else the gid alone."""
+        return cls(ctx.uid, ctx.gid, frozenset({ctx.gid, *_supplementary_groups(ctx.pid, ctx.uid, ctx.gid)}))
+
+    def may(self, mask: int, mode: int, uid: int, gid: int) -> bool:
+        """Whether the permission bits ``mask`` (``os.R_OK``…) of ``mode`` are granted to the caller."""
+        if self.uid == 0:
+            return True
+        shift = 6 if self.uid == uid else 3 if gid in self.groups else 0  # one class only: owner, group, other
+        return (mode >> shift) & mask == mask
 
 
 def is_control(parent: int, name: bytes) -> bool:
@@ -136,11 +163,11 @@ class Control:
             snapshot["import"] = self.importer.status()
         return snapshot
 
-    async def handle(self, data: bytes, uid: int) -> Response:
-        """Run one request (the bytes written) for the user ``uid``; the response, failures included."""
+    async def handle(self, data: bytes, caller: Caller) -> Response:
+        """Run one request (the bytes written) for ``caller``; the response, failures included."""
         try:
             op, ino, value = parse_request(data)
-            result = await self._run(op, ino, value, uid)
+            result = await self._run(op, ino, value, caller)
         except ActionError as exc:
             return error_response(exc.errno, exc.code, exc.message)
         except NoEntry:
@@ -153,12 +180,13 @@ class Control:
             return error_response(errno.EIO, "InternalError", str(exc))
         return {"ok": True, "value": result}
 
-    async def _run(self, op: str, ino: int, value: str | None, uid: int) -> Any:
+    async def _run(self, op: str, ino: int, value: str | None, caller: Caller) -> Any:
         if op not in READ_OPS + HSM_ACTIONS + TASK_OPS:
             raise ActionError(errno.ENOTSUP, "BadRequest", f"unknown op {op!r}")
         if op in ROOT_OPS and ino != ROOT_INODE:
             raise ActionError(errno.ENOTSUP, "BadRequest", f"{op} is asked of the root of the mount")
-        self.ns.get(ino)  # NoEntry: no such inode (ENOENT)
+        if op not in ROOT_OPS:
+            await self._reachable(ino, caller)
         if op == "stats":
             return self.snapshot()
         if op == "hsm_state":
@@ -166,7 +194,7 @@ class Control:
         if op == "hsm_action":
             return self.hsm.action(ino)
         if op in HSM_ACTIONS:
-            self._owner_or_root(ino, uid, op.removeprefix("hsm_"))
+            self._owner_or_root(ino, caller, op.removeprefix("hsm_"))
             if op == "hsm_archive":
                 await self.hsm.archive(ino)
             elif op == "hsm_release":
@@ -174,15 +202,27 @@ class Control:
             else:
                 self.hsm.restore(ino)
             return None
-        self._owner_or_root(ino, uid, "manage data repository tasks on")
+        self._owner_or_root(ino, caller, "manage data repository tasks on")
         if value is None:
             raise ActionError(errno.EINVAL, "BadRequest", f"{op} needs a value")
         (self.tasks.submit if op == "task" else self.tasks.cancel)(value)
         return None
 
-    def _owner_or_root(self, ino: int, uid: int, what: str) -> None:
+    async def _reachable(self, ino: int, caller: Caller) -> None:
+        """NoEntry, as for no such inode, unless ``caller`` may search every directory above ``ino`` and read it."""
+        self.ns.get(ino)  # NoEntry: no such inode
+        at, mask = ino, os.R_OK
+        while caller.uid != 0:
+            row = await self.ns.getattr(at)  # the mode of the object's metadata, not the listing's defaults
+            if row["parent"] == ORPHAN or not caller.may(mask, row["mode"], row["uid"], row["gid"]):
+                raise NoEntry(ino)
+            if at == ROOT_INODE:
+                return
+            at, mask = row["parent"], os.X_OK
+
+    def _owner_or_root(self, ino: int, caller: Caller, what: str) -> None:
         """FSx: only root may act on another user's file."""
-        if uid != 0 and uid != self.ns.get(ino)["uid"]:
+        if caller.uid != 0 and caller.uid != self.ns.get(ino)["uid"]:
             raise ActionError(errno.EPERM, "AccessDenied", f"only root or the owner may {what} this file")
 
 
@@ -190,8 +230,7 @@ class Control:
 class _Session:
     """One open handle of the control file: who opened it, the request being written, its response."""
 
-    uid: int
-    gid: int
+    caller: Caller
     read_only: bool  # opened O_RDONLY: reads as the response to stats
     start: int = 0  # file offset of the request's first byte
     request: bytearray = field(default_factory=bytearray)
@@ -238,7 +277,7 @@ class ControlFile:
         """A new session for the caller of ``open`` (``write`` and ``read`` have no caller), with ``direct_io``."""
         fh = self._next_fh
         self._next_fh += 1
-        self.sessions[fh] = _Session(ctx.uid, ctx.gid, flags & os.O_ACCMODE == os.O_RDONLY)
+        self.sessions[fh] = _Session(Caller.of(ctx), flags & os.O_ACCMODE == os.O_RDONLY)
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -253,7 +292,7 @@ class ControlFile:
         s.request += buf
         if _complete(s.request):
             request, s.request = bytes(s.request), bytearray()
-            s.response = _encode(await self.control.handle(request, s.uid))
+            s.response = _encode(await self.control.handle(request, s.caller))
         return len(buf)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
@@ -269,6 +308,19 @@ class ControlFile:
 
     def release(self, fh: int) -> None:
         del self.sessions[fh]
+
+
+def _supplementary_groups(pid: int, uid: int, gid: int) -> list[int]:
+    """The groups of process ``pid`` if its file system uid and gid are still ``uid`` and ``gid``, else none."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return []  # gone, or not in this PID namespace (pid 0)
+    fields = {name: value.split() for name, _, value in (line.partition(":") for line in status.splitlines())}
+    # Uid and Gid: real, effective, saved, file system (the ids the kernel sends FUSE).
+    if fields.get("Uid", [])[3:] != [str(uid)] or fields.get("Gid", [])[3:] != [str(gid)]:
+        return []  # another process now has that pid, or it changed its ids since the request
+    return [int(g) for g in fields.get("Groups", [])]
 
 
 def _complete(data: bytearray) -> bool:

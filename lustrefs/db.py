@@ -13,7 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 -- One row per file, directory or symlink the mount knows. Rows are created lazily, when their parent
@@ -55,11 +55,24 @@ CREATE INDEX IF NOT EXISTS inodes_dirty ON inodes (dirty) WHERE dirty != 0;
 -- A directory's entries in inode (listing) order: readdir pages and the small-file prefetch read one page of
 -- them, not the whole directory (without it each page of a 100,000-entry directory scanned all its entries).
 CREATE INDEX IF NOT EXISTS inodes_children ON inodes (parent, ino);
+-- The export ledger's look-ups: who is exported at a key, who reads its clean data from a key.
+CREATE INDEX IF NOT EXISTS inodes_exported_key ON inodes (exported_key) WHERE exported_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS inodes_key ON inodes (key);
 
 -- Keys to delete from the export prefix (unlinked or renamed entries), durable until done.
 CREATE TABLE IF NOT EXISTS pending_deletes (
     key        TEXT PRIMARY KEY,                  -- S3 key to delete
     since_ns   INTEGER NOT NULL                   -- when the deletion was recorded
+);
+
+-- Keys an export may be writing right now (PUT, COPY or multipart upload): recorded before the request is sent
+-- and removed in the transaction that records its outcome, so a crash never leaves an object nobody knows of.
+-- Every object lustrefs may have created in the export prefix is an entry's exported_key, an intent here, or a
+-- pending delete (lustrefs.exports owns these three).
+CREATE TABLE IF NOT EXISTS export_intents (
+    key        TEXT PRIMARY KEY,                  -- S3 key being written (one request per key at a time)
+    ino        INTEGER NOT NULL,                  -- inode being exported there
+    since_ns   INTEGER NOT NULL                   -- when the request was started
 );
 
 -- One row per part of file data present in the local cache. A part is `part_size` bytes at offset
@@ -89,7 +102,10 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     version = _version(conn)
-    if version is not None and version < SCHEMA_VERSION:
+    if version == 2:
+        # Version 3 only adds export_intents (created below); nothing else changed.
+        conn.execute("UPDATE settings SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
+    elif version is not None and version < SCHEMA_VERSION:
         # Version 1 was read-only: it holds nothing that S3 cannot give again. Rebuild it.
         log.warning("state database %s is from schema version %d: rebuilding it from S3", path, version)
         conn.executescript("DROP TABLE IF EXISTS inodes; DROP TABLE IF EXISTS cache_parts; DELETE FROM settings;")

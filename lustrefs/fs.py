@@ -20,12 +20,12 @@ from typing import Any, ParamSpec, TypeVar
 import cachetools
 import pyfuse3
 
-from . import control_channel, db
+from . import control_channel, db, paths
 from .cache import Buffer, Cache, FileData, ObjectVersion
 from .control_channel import Control, ControlFile
 from .namespace import CONTROL_INODE, DATA, Namespace, NoEntry
 from .prefetch import Prefetcher, ReadAhead
-from .repository import RepositoryError
+from .repository import RepositoryError, VersionChanged
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 
 def _name(raw: bytes) -> str:
+    """A name from the kernel; ENAMETOOLONG past NAME_MAX bytes, whatever the request (POSIX)."""
+    if len(raw) > paths.NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
     return os.fsdecode(raw)
 
 
@@ -82,6 +85,7 @@ class _Handle:
     writable: bool
     opened: FileData  # the content when opened: reads stay on it if S3 replaces the object meanwhile
     reimports: int  # the inode's re-import count when opened
+    read_etag: str | None = None  # the object version this handle has read bytes of
 
 
 class Operations(pyfuse3.Operations):
@@ -248,7 +252,30 @@ class Operations(pyfuse3.Operations):
         data = handle.opened if reimported and not handle.opened.local else self._data(handle.ino)
         if data.source is not None and not data.local:
             self.prefetcher.on_read(handle.read_ahead, data.source, off, size)
-        return await self.cache.read(data, off, size)
+        try:
+            buf = await self.cache.read(data, off, size)
+        except VersionChanged:
+            if not await self._reload_unread(handle.ino, data):
+                raise
+            data = self._data(handle.ino)
+            buf = await self.cache.read(data, off, size)  # once: a version replaced again is ESTALE
+        if data.source is not None:
+            handle.read_etag = data.source.etag
+        return buf
+
+    async def _reload_unread(self, ino: int, data: FileData) -> bool:
+        """The version a read is pinned to is gone from S3. If no handle has read any of it, the file takes the
+        object now in S3 (a lazy load of the current version) and the handles follow; else ESTALE stays."""
+        old = data.source
+        if old is None or any(h.ino == ino and h.read_etag == old.etag for h in self._handles.values()):
+            return False
+        if not await self.ns.reload_unread(ino, old.etag):
+            return False
+        self.cache.drop_version(ino, old.etag)
+        for h in self._handles.values():
+            if h.ino == ino:
+                h.opened, h.reimports = self._data(ino), self.ns.reimports.get(ino, 0)
+        return True
 
     @fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -329,20 +356,22 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        row = await self.ns.create(parent_inode, _name(name), stat.S_IFLNK | 0o777, _owner(ctx), _name(target))
+        row = await self.ns.create(parent_inode, _name(name), stat.S_IFLNK | 0o777, _owner(ctx), os.fsdecode(target))
         self.ns.remember(row["ino"])
         return self._attrs(row)
 
     @fuse_op
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        entry = _name(name)
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs and sockets cannot be exported to S3
-        row = await self.ns.create(parent_inode, _name(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
+        row = await self.ns.create(parent_inode, entry, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
         self.ns.remember(row["ino"])
         return self._attrs(row)
 
     @fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        _name(new_name)
         raise pyfuse3.FUSEError(errno.EPERM)  # hard links are not supported
 
     @fuse_op

@@ -12,15 +12,12 @@ from __future__ import annotations
 import errno
 import logging
 import stat
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import control_client
 from .cache import ObjectVersion, first_error
-from .namespace import ORPHAN, NoEntry
-from .repository import RepositoryError
 
 if TYPE_CHECKING:
     import sqlite3
@@ -73,14 +70,6 @@ class ActionError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Failure:
-    """Why one entry could not be exported (an FSx report code and a message)."""
-
-    code: str
-    message: str
-
-
 def flags_of(row: sqlite3.Row, cached: int) -> int:
     """The HSM flags of an inode row; ``cached`` is how many bytes of its current data are in the cache."""
     is_dir = stat.S_ISDIR(row["mode"])
@@ -92,43 +81,6 @@ def flags_of(row: sqlite3.Row, cached: int) -> int:
     if archived and not dirty and stat.S_ISREG(row["mode"]) and row["size"] > 0 and cached == 0:
         flags |= HS_RELEASED
     return flags
-
-
-async def export_now(ns: Namespace, writeback: Writeback, ino: int) -> Failure | None:
-    """Export ``ino`` now if it is dirty, waiting for an export of it already running; None once it is clean."""
-    for _ in range(MAX_ARCHIVE_ATTEMPTS):
-        if ino in writeback.s.writers:
-            return Failure("ResourceBusy", "the file is open for writing; it is exported once it is closed")
-        while ino in writeback.s.running:
-            await trio.sleep(0.05)
-        try:
-            row = ns.get(ino)
-        except NoEntry:
-            return None  # deleted meanwhile: nothing left to export
-        if row["dirty"] == 0 or row["parent"] == ORPHAN:
-            return None
-        writeback.s.running.add(ino)  # keeps the exporter's own scheduling off this entry meanwhile
-        try:
-            await writeback.export(ino, explicit=True)
-        except NoEntry:
-            return None
-        except RepositoryError as exc:
-            return Failure(exc.code, str(exc))
-        except OSError as exc:
-            return Failure("InternalError", str(exc))
-        except BaseExceptionGroup as group:
-            err = first_error(group)
-            return Failure(getattr(err, "code", "InternalError"), str(err))
-        finally:
-            writeback.s.running.discard(ino)
-            writeback.schedule(0, 0)  # wake the exporter: it may have skipped this entry meanwhile
-        row = ns.get(ino)
-        if row["dirty"] == 0 or row["parent"] == ORPHAN:
-            return None
-        if writeback.s.given_up.get(ino) == row["data_gen"]:
-            code, _, message = writeback.s.errors.get(ino, "InternalError: not exported").partition(": ")
-            return Failure(code, message)
-    return Failure("ResourceBusy", "the file kept changing during the export")
 
 
 class Hsm:
@@ -162,11 +114,11 @@ class Hsm:
 
     def action(self, ino: int) -> dict[str, Any]:
         """The HSM action in progress on ``ino``: ``{"action", "state", "bytes"}`` (action NOOP if none)."""
-        if ino in self.archiving or ino in self.writeback.s.running:
+        if ino in self.archiving or self.writeback.is_running(ino):
             return {"action": "ARCHIVE", "state": "running", "bytes": 0}
         if ino in self.restoring:
             return {"action": "RESTORE", "state": "running", "bytes": self.cached(self.ns.get(ino))}
-        if ino in self.writeback.s.due and self.ns.get(ino)["dirty"]:
+        if self.writeback.is_waiting(ino) and self.ns.get(ino)["dirty"]:
             return {"action": "ARCHIVE", "state": "waiting", "bytes": 0}  # queued for (auto-)export
         return {"action": "NOOP", "state": "", "bytes": 0}
 
@@ -181,7 +133,7 @@ class Hsm:
         self._regular(ino)
         self.archiving[ino] = self.archiving.get(ino, 0) + 1
         try:
-            failure = await export_now(self.ns, self.writeback, ino)
+            failure = await self.writeback.export_now(ino, MAX_ARCHIVE_ATTEMPTS)
         finally:
             left = self.archiving.pop(ino) - 1
             if left:

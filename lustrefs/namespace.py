@@ -27,20 +27,17 @@ import trio
 from . import db, metadata, paths
 from .cache import first_error
 from .events import EventLog
+from .exports import DATA, META, ORPHAN, ExportLedger
 from .repository import AccessDenied, NotFound, ObjectInfo, Page, Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
 # The control file's inode (paths.CONTROL_NAME at the root, served by lustrefs.control_channel): the largest
 # rowid SQLite allows, which AUTOINCREMENT never hands out (it fails with SQLITE_FULL instead).
 CONTROL_INODE = 2**63 - 1
-DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
-IMPLIED = ""
-_S_IFMT = (
-    0o170000  # the file type bits of st_mode  # meta_etag of a directory that has no marker object (nothing to HEAD)
-)
+IMPLIED = ""  # meta_etag of a directory that has no marker object (nothing to HEAD)
+_S_IFMT = 0o170000  # the file type bits of st_mode
 
 
 class NoEntry(Exception):
@@ -98,6 +95,7 @@ class Namespace:
     ) -> None:
         self.conn = conn
         self.conn.row_factory = sqlite3.Row
+        self.exports = ExportLedger(conn)  # the export state of entries is written there, nowhere else
         self.repo = repo
         self.events = events
         self.import_prefix = import_prefix
@@ -192,6 +190,10 @@ class Namespace:
         if row is None:
             raise NoEntry(ino)
         return row
+
+    def find(self, ino: int) -> sqlite3.Row | None:
+        """The inode's row, or None if it is gone."""
+        return self.conn.execute("SELECT * FROM inodes WHERE ino = ?", (ino,)).fetchone()
 
     def _child(self, parent: int, name: str) -> sqlite3.Row | None:
         return self.conn.execute(
@@ -569,10 +571,7 @@ class Namespace:
 
     def mark_dirty(self, ino: int, flags: int, delay: float = 0.0) -> None:
         """Record that ``ino`` needs exporting (in the caller's transaction) and tell the exporter."""
-        self.conn.execute(
-            "UPDATE inodes SET dirty = dirty | ?, data_gen = data_gen + 1, ctime_ns = ? WHERE ino = ?",
-            (flags, time.time_ns(), ino),
-        )
+        self.exports.mark_dirty(ino, flags)
         self.on_change(ino, delay)
 
     async def create(
@@ -634,15 +633,11 @@ class Namespace:
             self.conn.execute(
                 "INSERT OR IGNORE INTO whiteouts (parent, name) VALUES (?, ?)", (row["parent"], row["name"])
             )
+        self.exports.detach(row["ino"], row["exported_key"])
         if row["exported_key"]:
-            self.conn.execute(
-                "INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)",
-                (row["exported_key"], time.time_ns()),
-            )
             self.on_change(0, 0)
         self.conn.execute(
-            "UPDATE inodes SET parent = ?, name = ?, dirty = 0, exported_key = NULL WHERE ino = ?",
-            (ORPHAN, f"#{row['ino']}", row["ino"]),
+            "UPDATE inodes SET parent = ?, name = ? WHERE ino = ?", (ORPHAN, f"#{row['ino']}", row["ino"])
         )
 
     async def rename(self, parent: int, name: str, new_parent: int, new_name: str, noreplace: bool) -> None:
@@ -762,6 +757,33 @@ class Namespace:
         )
         self._queue_head(ino)
 
+    async def reload_unread(self, ino: int, etag: str) -> bool:
+        """The object version ``etag`` of a clean file is gone from S3 before any of it was read: take the
+        object now at its key, as a lazy load would (new size, version and attributes; an event). Returns
+        whether there is a new version to read."""
+        row = self.get(ino)
+        if row["etag"] != etag or row["dirty"] & DATA:
+            return row["etag"] != etag  # already replaced meanwhile
+        try:
+            info = await self.repo.head(row["key"])
+        except NotFound:
+            return False
+        row = self.get(ino)
+        if info.etag == etag or row["etag"] != etag or row["dirty"] & DATA:
+            return row["etag"] != etag
+        with db.transaction(self.conn):
+            self.reimport_file(ino, info)
+            if self.posix_metadata:
+                self._apply_meta(self.get(ino), info)
+        self.events.emit(
+            "WARN",
+            "S3ObjectChangedBeforeRead",
+            f"S3 object {row['key']} in S3 bucket {self.repo.bucket} changed before its data was read; the file"
+            " now shows the current object.",
+            key=row["key"],
+        )
+        return True
+
     def reimport_file(self, ino: int, obj: ObjectInfo) -> None:
         """The object of a clean file changed in S3: take its size and version; metadata is HEADed again."""
         self.reimports[ino] = self.reimports.get(ino, 0) + 1
@@ -784,9 +806,9 @@ class Namespace:
 
     def remove_imported(self, row: sqlite3.Row) -> None:
         """An object deleted in S3: its entry goes, without deleting anything in S3 (in the caller's transaction)."""
+        self.exports.forget_object(row["ino"])
         self.conn.execute(
-            "UPDATE inodes SET parent = ?, name = ?, dirty = 0, exported_key = NULL WHERE ino = ?",
-            (ORPHAN, f"#{row['ino']}", row["ino"]),
+            "UPDATE inodes SET parent = ?, name = ? WHERE ino = ?", (ORPHAN, f"#{row['ino']}", row["ino"])
         )
         self._purge_if_unused(row["ino"])
 

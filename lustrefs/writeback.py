@@ -1,9 +1,16 @@
 """Export: writing new and changed entries back to the export prefix, and deleting removed ones.
 
-An entry is dirty in SQLite (``inodes.dirty``) from the local change until its export succeeded, so nothing
-is lost to a crash: at start-up every dirty entry is exported again. Content changes are exported once the
-file is closed and has been idle for ``delay`` seconds; metadata changes and renames at once. A failed export
-is logged in the event log and retried with backoff; the file stays dirty (and in the cache) meanwhile.
+The exporter drives each entry through the state machine of lustrefs.exports (dirty -> uploading -> new key
+recorded -> old key deleted -> clean), which is the only writer of the export state. An entry is dirty in
+SQLite from the local change until its export is recorded, so nothing is lost to a crash: at start-up every
+dirty entry is exported again, and every key an interrupted request may have written (its intent) has its
+multipart uploads aborted and is deleted unless the tree names it. Content changes are exported once the file
+is closed and has been idle for ``delay`` seconds; metadata changes and renames at once. A failed export is
+logged in the event log and retried with backoff; the file stays dirty (and in the cache) meanwhile.
+
+One request per key at a time: an export waits while its key is being written or deleted. Before an object is
+overwritten or deleted, any other entry that still reads its clean data from it (a renamed entry not exported
+yet, an unlinked file still open) gets that data copied into its local parts.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ import trio
 from . import db
 from .cache import Cache, FileData, ObjectVersion, first_error
 from .events import EventLog
+from .exports import DATA, ORPHAN
 from .metadata import to_user_metadata
-from .namespace import DATA, ORPHAN, ROOT_INODE, Namespace, NoEntry
-from .repository import AccessDenied, Repository, RepositoryError
+from .namespace import ROOT_INODE, Namespace, NoEntry
+from .repository import AccessDenied, NotFound, Repository, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,14 @@ MAX_KEY_BYTES = 1024
 MAX_FILE_SIZE = 5 * 1024**4
 MAX_COPY_SIZE = 5 * 1024**3  # larger objects cannot be copied by one CopyObject
 EVENTS = ("NEW", "CHANGED", "DELETED")
+MAX_BACKOFF = 60.0  # seconds between retries of an entry whose export keeps failing
+FLUSH_RETRY = 1.0  # at unmount, failed entries are retried at least this often
+DELETE_BACKOFF = 5.0  # seconds deletions pause after one failed
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th consecutive failure: 2, 4, 8, … up to MAX_BACKOFF."""
+    return min(2.0 ** min(failures, 16), MAX_BACKOFF)
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,16 @@ class _State:
     errors: dict[int, str] = field(default_factory=dict)  # ino -> last error, for the unmount report
     given_up: dict[int, int] = field(default_factory=dict)  # ino -> data_gen it cannot be exported at
     writers: dict[int, int] = field(default_factory=dict)  # ino -> handles open for writing
+    busy: dict[str, trio.Event] = field(default_factory=dict)  # key -> set when its request in flight ends
+    stale: set[str] = field(default_factory=set)  # intents of an earlier run, not recovered yet
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an explicit export did not make an entry clean: FSx's error code and a message."""
+
+    code: str
+    message: str
 
 
 class Writeback:
@@ -76,6 +102,7 @@ class Writeback:
         parallel_files: int = 4,
     ) -> None:
         self.ns = ns
+        self.ledger = ns.exports
         self.cache = cache
         self.repo = repo
         self.events = events
@@ -85,6 +112,7 @@ class Writeback:
         self.upload_part = upload_part
         self.s = _State()
         self._wake = trio.Event()
+        self._finished = trio.Event()  # set (and replaced) whenever an export ends
         self._files = trio.CapacityLimiter(parallel_files)
         self._delete_backoff = 0.0
 
@@ -111,13 +139,22 @@ class Writeback:
     def queue_length(self) -> int:
         return len(self.s.due) + len(self.s.running)
 
+    def is_running(self, ino: int) -> bool:
+        return ino in self.s.running
+
+    def is_waiting(self, ino: int) -> bool:
+        """Whether ``ino`` is queued for an (automatic) export."""
+        return ino in self.s.due
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Export what is due until cancelled; at start, everything left dirty by a previous run."""
-        for (ino,) in self.ns.conn.execute("SELECT ino FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,)):
+        """Export what is due until cancelled; at start, everything left dirty or in flight by a previous run."""
+        for ino, _ in self.ledger.dirty_inodes():
             self.s.due[ino] = time.monotonic()
+        self.s.stale = set(self.ledger.intents())
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
+                await self._recover_intents()
                 await self._delete_pending()
                 now = time.monotonic()
                 for ino in [i for i, t in self.s.due.items() if t <= now and i not in self.s.running]:
@@ -125,37 +162,39 @@ class Writeback:
                     self.s.running.add(ino)
                     nursery.start_soon(self._export_one, ino)
                 wait = min(self.s.due.values(), default=math.inf) - now
-                if self.ns.conn.execute("SELECT 1 FROM pending_deletes LIMIT 1").fetchone():
+                if self.s.stale or self.ledger.any_pending_delete():
                     wait = min(wait, max(self._delete_backoff - now, 0.05))
                 with trio.move_on_after(max(wait, 0.0) if wait != math.inf else math.inf):
                     await self._wake.wait()
                 self._wake = trio.Event()
 
     async def flush(self, timeout: float) -> list[tuple[str, str]]:
-        """Export everything dirty now (at unmount); returns (path, reason) of what is still not exported."""
+        """Export everything dirty now (at unmount); returns (path, reason) of what is still not exported.
+
+        Entries refused by the policy or the limits are neither waited for nor returned.
+        """
         deadline = time.monotonic() + timeout
         last_report = 0.0
         self.s.writers.clear()
-        while time.monotonic() < deadline:
-            waiting = self._left(include_refused=False)
+        while (now := time.monotonic()) < deadline:
+            waiting = self._left()
             if not waiting:
                 break
-            for ino in waiting:
+            for ino in waiting:  # due now, or within FLUSH_RETRY if backing off from a failure
                 if ino and ino not in self.s.running:
-                    self.s.due[ino] = 0.0
-            self._delete_backoff = 0.0
+                    self.s.due[ino] = min(self.s.due.get(ino, now), now + FLUSH_RETRY)
+            self._delete_backoff = min(self._delete_backoff, now + FLUSH_RETRY)
             self._wake.set()
-            if time.monotonic() - last_report > 5:
+            if now - last_report > 5:
                 log.info("unmount: %d entries still to export", len(waiting))
-                last_report = time.monotonic()
-            await trio.sleep(0.05)
+                last_report = now
+            await trio.sleep(min(0.05, max(deadline - now, 0)))
         return [(self._path(ino), self.s.errors.get(ino, "not exported in time")) for ino in self._left()]
 
-    def _left(self, include_refused: bool = True) -> list[int]:
-        """Dirty entries (0 for pending deletions); without those refused at their current version."""
-        rows = self.ns.conn.execute("SELECT ino, data_gen FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,))
-        left = [ino for ino, gen in rows if include_refused or self.s.given_up.get(ino) != gen]
-        if self.ns.conn.execute("SELECT 1 FROM pending_deletes LIMIT 1").fetchone():
+    def _left(self) -> list[int]:
+        """Dirty entries not refused at their current version (0 stands for deletions still to do)."""
+        left = [ino for ino, gen in self.ledger.dirty_inodes() if self.s.given_up.get(ino) != gen]
+        if self.s.stale or self.ledger.any_pending_delete():
             left.append(0)
         return left
 
@@ -174,72 +213,194 @@ class Writeback:
             async with self._files:
                 await self.export(ino)
             self.s.failures.pop(ino, None)
-            self.s.errors.pop(ino, None)
+            if self.s.given_up.get(ino) is None:
+                self.s.errors.pop(ino, None)
         except (RepositoryError, OSError, BaseExceptionGroup) as exc:
             err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
             n = self.s.failures[ino] = self.s.failures.get(ino, 0) + 1
             code = "S3ExportAccessDenied" if isinstance(err, AccessDenied) else "S3ExportFailed"
             self.s.errors[ino] = f"{code}: {err}"
-            self.events.emit(
-                "ERROR", code, f"Export of {self._path(ino)} failed (attempt {n}): {err}", path=self._path(ino)
-            )
-            self.s.due.setdefault(ino, time.monotonic() + min(2.0**n, 60.0))
+            path = self._path(ino)
+            self.events.emit("ERROR", code, f"Export of {path} failed (attempt {n}): {err}", path=path)
+            self.s.due.setdefault(ino, time.monotonic() + backoff(n))
         except NoEntry:
-            pass
+            pass  # purged before its export started: no request was sent
         except Exception as exc:
             log.exception("export of inode %d failed", ino)
             self.s.errors[ino] = f"InternalError: {exc}"
-            self.s.due.setdefault(ino, time.monotonic() + 60.0)
+            self.s.due.setdefault(ino, time.monotonic() + MAX_BACKOFF)
         finally:
             self.s.running.discard(ino)
-            self._wake.set()
+            self._one_finished()
+
+    async def export_now(self, ino: int, attempts: int = 5) -> Failure | None:
+        """Export ``ino`` now whatever the policy (hsm_archive, export tasks); None once it is clean."""
+        for _ in range(attempts):
+            if ino in self.s.writers:
+                return Failure("ResourceBusy", "the file is open for writing; it is exported once it is closed")
+            try:
+                row = self.ns.get(ino)
+            except NoEntry:
+                return None  # deleted meanwhile: nothing left to export
+            if row["dirty"] == 0 or row["parent"] == ORPHAN:
+                return None
+            if ino in self.s.running:
+                await self._wait_idle(ino)
+                continue
+            self.s.running.add(ino)  # keeps the exporter's own scheduling off this entry meanwhile
+            try:
+                await self.export(ino, explicit=True)
+            except NoEntry:
+                return None
+            except RepositoryError as exc:
+                return Failure(exc.code, str(exc))
+            except OSError as exc:
+                return Failure("InternalError", str(exc))
+            except BaseExceptionGroup as group:
+                err = first_error(group)
+                return Failure(getattr(err, "code", "InternalError"), str(err))
+            finally:
+                self.s.running.discard(ino)
+                self._one_finished()  # the exporter may have skipped this entry meanwhile
+            row = self.ns.get(ino)
+            if row["dirty"] == 0 or row["parent"] == ORPHAN:
+                return None
+            if self.s.given_up.get(ino) == row["data_gen"]:
+                code, _, message = self.s.errors.get(ino, "InternalError: not exported").partition(": ")
+                return Failure(code, message)
+        return Failure("ResourceBusy", "the file kept changing during the export")
+
+    async def _wait_idle(self, ino: int) -> None:
+        """Wait until no export of ``ino`` runs (each export's requests are bounded)."""
+        while ino in self.s.running:
+            await self._finished.wait()
+
+    def _one_finished(self) -> None:
+        self._finished.set()
+        self._finished = trio.Event()
+        self._wake.set()
 
     async def export(self, ino: int, explicit: bool = False) -> None:
         """Export one entry now (its content, metadata and name) if it is dirty.
 
         ``explicit`` (hsm_archive, export tasks): the AutoExportPolicy does not apply, and a refusal is retried.
         """
-        row = self.ns.get(ino)
-        if row["dirty"] == 0 or row["parent"] == ORPHAN:
-            return
-        if ino == ROOT_INODE:
+        while True:
+            row = self.ns.get(ino)
+            if row["dirty"] == 0 or row["parent"] == ORPHAN:
+                return
+            if ino == ROOT_INODE:
+                with db.transaction(self.ns.conn):
+                    self.ledger.mark_clean(ino)
+                return
+            if ino in self.s.writers:
+                self.s.due[ino] = math.inf  # exported when closed
+                return
+            is_dir = stat.S_ISDIR(row["mode"])
+            desired = self.target.key(self.ns.path_key(ino), is_dir)
+            if self.s.given_up.get(ino) == row["data_gen"] and not explicit:
+                return
+            if problem := self._refusal(row, desired, row["exported_key"], explicit):
+                code, message = problem
+                self.s.given_up[ino] = row["data_gen"]
+                self.s.errors[ino] = f"{code}: {message}"
+                self.events.emit("ERROR", code, message, path="/" + desired[len(self.target.base) :])
+                return
+            if desired in self.s.busy or desired in self.s.stale:
+                await self._key_free(desired)
+                continue  # the entry may have changed meanwhile: decide again
+            if await self._protect(desired, ino):
+                continue  # data was copied to local parts meanwhile: decide again
+            break
+        await self._upload(ino, row, desired)
+
+    async def _upload(self, ino: int, r: sqlite3.Row, desired: str) -> None:
+        """Write the entry's object at ``desired`` (the key is free) and record the outcome."""
+        is_dir, is_link = stat.S_ISDIR(r["mode"]), stat.S_ISLNK(r["mode"])
+        gen = r["data_gen"]
+        meta = to_user_metadata(r["mode"], r["uid"], r["gid"], r["mtime_ns"], r["atime_ns"])
+        source = ObjectVersion(ino, r["key"], r["etag"], r["src_limit"]) if r["etag"] else None
+        done = self.s.busy[desired] = trio.Event()
+        try:
             with db.transaction(self.ns.conn):
-                self.ns.conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
-            return
-        if ino in self.s.writers:
-            self.s.due[ino] = math.inf  # exported when closed
-            return
-        gen, path = row["data_gen"], self.ns.path_key(ino)
-        is_dir = stat.S_ISDIR(row["mode"])
-        desired = self.target.key(path, is_dir)
-        old_key = row["exported_key"]
-        if self.s.given_up.get(ino) == gen and not explicit:
-            return
-        if problem := self._refusal(row, desired, old_key, explicit):
-            code, message = problem
-            self.s.given_up[ino] = gen
-            self.s.errors[ino] = f"{code}: {message}"
-            self.events.emit("ERROR", code, message, path="/" + path)
-            return
-        meta = to_user_metadata(row["mode"], row["uid"], row["gid"], row["mtime_ns"], row["atime_ns"])
-        source = ObjectVersion(ino, row["key"], row["etag"], row["src_limit"]) if row["etag"] else None
-        if is_dir:
-            etag = await self.repo.put(desired, b"", meta)
-        elif stat.S_ISLNK(row["mode"]):
-            etag = await self.repo.put(desired, (await self.ns.readlink(ino)).encode("utf-8", "surrogateescape"), meta)
-        elif not row["dirty"] & DATA and source is not None and source.size == row["size"] <= MAX_COPY_SIZE:
-            etag = await self.repo.copy(source.key, source.etag, desired, meta)  # unchanged data: server-side
-        else:
-            data = FileData(ino, row["size"], source, bool(row["dirty"] & DATA))
-            if row["size"] <= self.upload_part:
-                etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, row["size"]), meta)
+                self.ledger.begin(ino, desired)
+            if is_dir:
+                etag = await self.repo.put(desired, b"", meta)
+            elif is_link:
+                body = (await self.ns.readlink(ino)).encode("utf-8", "surrogateescape")
+                etag = await self.repo.put(desired, body, meta)
+            elif not r["dirty"] & DATA and source is not None and source.size == r["size"] <= MAX_COPY_SIZE:
+                etag, source = await self._copy(ino, source, desired, meta)  # unchanged data: server-side
             else:
-                etag = await self.repo.multipart_upload(
-                    desired, row["size"], self.upload_part, lambda off, n: self.cache.read_bytes(data, off, n), meta
-                )
-        if old_key and old_key != desired and "DELETED" in self.policy():
-            await self.repo.delete(old_key)
-        self._exported(ino, gen, desired, etag, source, row["size"], is_dir or stat.S_ISLNK(row["mode"]))
+                data = FileData(ino, r["size"], source, bool(r["dirty"] & DATA))
+                if r["size"] <= self.upload_part:
+                    etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r["size"]), meta)
+                else:
+                    etag = await self.repo.multipart_upload(
+                        desired, r["size"], self.upload_part, lambda off, n: self.cache.read_bytes(data, off, n), meta
+                    )
+        except BaseException:
+            with db.transaction(self.ns.conn):
+                self.ledger.abandon(desired)  # the object may exist: deleted unless the tree names it
+            raise
+        finally:
+            del self.s.busy[desired]
+            done.set()
+        self._exported(ino, gen, desired, etag, source, r["size"], is_dir or is_link)
+
+    async def _copy(
+        self, ino: int, source: ObjectVersion, desired: str, meta: dict[str, str]
+    ) -> tuple[str, ObjectVersion]:
+        """CopyObject of the entry's data to ``desired``; returns the new ETag and the source it came from.
+
+        A source object that is gone is looked for again at ``desired`` (a copy recorded by an earlier release
+        of lustrefs that deleted the source before recording the copy): if an object of the file's size is
+        there, it is the file's data.
+        """
+        try:
+            return await self.repo.copy(source.key, source.etag, desired, meta), source
+        except NotFound:
+            if source.key == desired:
+                raise
+            try:
+                found = await self.repo.head(desired)
+            except NotFound:
+                found = None
+            if found is None or found.size != source.size:
+                raise
+        self.events.emit(
+            "WARN",
+            "S3ExportSourceRelocated",
+            f"The data of {desired} was not at {source.key} any more; the object at {desired} is taken as it.",
+            key=desired,
+        )
+        with db.transaction(self.ns.conn):
+            self.ledger.relocate(ino, desired, found.etag)
+        moved = ObjectVersion(ino, desired, found.etag, source.size)
+        return await self.repo.copy(desired, found.etag, desired, meta), moved
+
+    async def _protect(self, key: str, exporter: int | None) -> bool:
+        """Before the object at ``key`` is overwritten or deleted: copy the data of every other entry that still
+        reads from it into its local parts (it becomes dirty ``DATA``). Returns whether any was copied."""
+        readers = [r for r in self.ledger.readers_of(key) if r["ino"] != exporter]
+        for r in readers:
+            version = ObjectVersion(r["ino"], r["key"], r["etag"], r["src_limit"])
+            await self.cache.materialize(FileData(r["ino"], r["size"], version, False))
+            current = self.ns.find(r["ino"])
+            if current is not None and current["etag"] == r["etag"] and not current["dirty"] & DATA:
+                with db.transaction(self.ns.conn):
+                    self.ns.exports.mark_dirty(r["ino"], DATA)
+                if current["parent"] != ORPHAN:
+                    self.schedule(r["ino"], 0)
+        return bool(readers)
+
+    async def _key_free(self, key: str) -> None:
+        """Wait until no request of this mount writes or deletes ``key``."""
+        if key in self.s.busy:
+            await self.s.busy[key].wait()
+        else:  # an intent of an earlier run: _recover_intents deals with it
+            while key in self.s.stale:
+                await trio.sleep(0.05)
 
     def _refusal(self, row: sqlite3.Row, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
         """Why this entry is not exported (FSx's codes), or None."""
@@ -255,54 +416,82 @@ class Writeback:
     def _exported(
         self, ino: int, gen: int, key: str, etag: str, source: ObjectVersion | None, size: int, no_data: bool
     ) -> None:
-        """Record a finished export of ``size`` bytes; the entry is clean unless it changed meanwhile.
+        """Record a finished export of ``size`` bytes to ``key``; the entry is clean unless it changed meanwhile.
 
-        For a file, the new object becomes its clean data either way (an export to the same key replaced the
-        old version): bytes changed during the upload are in local parts, which stay authoritative.
+        An entry removed or renamed during its upload does not own ``key``: the new object is deleted. For a
+        file, the new object becomes its clean data either way (an export to the same key replaced the old
+        version): bytes changed during the upload are in local parts, which stay authoritative.
         """
-        row = self.ns.get(ino)
-        conn = self.ns.conn
-        unchanged = row["data_gen"] == gen
-        with db.transaction(conn):
-            if row["parent"] == ORPHAN:  # removed while it was being exported: remove the new object too
-                conn.execute(
-                    "INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)", (key, time.time_ns())
-                )
+        row = self.ns.find(ino)
+        placed = row is not None and row["parent"] != ORPHAN and self._key_of(row) == key
+        with db.transaction(self.ns.conn):
+            if not placed:
+                self.ledger.abandon(key)
+                self._wake.set()
                 return
-            conn.execute("UPDATE inodes SET exported_key = ? WHERE ino = ?", (key, ino))
-            if not no_data:
-                limit = size if unchanged else min(size, row["src_limit"])
-                conn.execute(
-                    "UPDATE inodes SET key = ?, etag = ?, src_limit = ? WHERE ino = ?", (key, etag, limit, ino)
-                )
-                if self.target.base == "":  # the object at this path is now this export
-                    conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (etag, ino))
-            if unchanged:
-                conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
-            else:
-                self.s.due.setdefault(ino, time.monotonic() + (0 if ino not in self.s.writers else math.inf))
+            clean = self.ledger.record(ino, key, gen, None if no_data else (etag, size), self.target.base == "")
+        self._wake.set()  # the old key may be queued for deletion
+        if not clean:
+            self.s.due.setdefault(ino, time.monotonic() + (0 if ino not in self.s.writers else math.inf))
         if no_data:
             return
-        if unchanged:
+        if clean:
             self.cache.adopt(ino, source, ObjectVersion(ino, key, etag, size))
         elif source is not None and source.etag != etag:
             self.cache.drop_version(ino, source.etag)
+
+    def _key_of(self, row: sqlite3.Row) -> str | None:
+        """The key the entry's path maps to now (None if it is not in the tree)."""
+        try:
+            path = self.ns.path_key(row["ino"])
+        except NoEntry:
+            return None
+        return self.target.key(path, stat.S_ISDIR(row["mode"]))
+
+    # ----------------------------------------------------------------------------------------- deletions
+
+    async def _recover_intents(self) -> None:
+        """Keys an earlier run was writing when it stopped: abort their multipart uploads, then treat them as
+        failed exports (deleted unless a live entry is exported there)."""
+        if not self.s.stale or (self._delete_backoff and time.monotonic() < self._delete_backoff):
+            return
+        for key in sorted(self.s.stale):
+            try:
+                aborted = await self.repo.abort_uploads(key)
+            except RepositoryError as exc:
+                self.events.emit("ERROR", "S3ExportDeleteFailed", f"Aborting uploads to {key} failed: {exc}", key=key)
+                self._delete_backoff = time.monotonic() + DELETE_BACKOFF
+                return
+            if aborted:
+                log.info("aborted %d multipart uploads to %s left by an earlier run", aborted, key)
+            with db.transaction(self.ns.conn):
+                self.ledger.abandon(key)
+            self.s.stale.discard(key)
 
     async def _delete_pending(self) -> None:
         """Delete the objects of removed entries, unless a live entry has been exported to the same key."""
         if self._delete_backoff and time.monotonic() < self._delete_backoff:
             return
-        conn = self.ns.conn
-        pending = conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns").fetchall()
-        delete = bool(pending) and "DELETED" in self.policy()  # the record is read once, not once per key
-        for (key,) in pending:
-            live = conn.execute("SELECT 1 FROM inodes WHERE exported_key = ? AND parent != ?", (key, ORPHAN)).fetchone()
-            if not live and delete:
-                try:
-                    await self.repo.delete(key)
-                except RepositoryError as exc:
-                    self.events.emit("ERROR", "S3ExportDeleteFailed", f"Deleting {key} failed: {exc}", key=key)
-                    self._delete_backoff = time.monotonic() + 5.0
-                    return
-            conn.execute("DELETE FROM pending_deletes WHERE key = ?", (key,))
+        pending = self.ledger.pending_deletes()
+        allowed = bool(pending) and "DELETED" in self.policy()  # the record is read once, not once per key
+        for key in pending:
+            if key in self.s.busy or key in self.s.stale:
+                continue  # a request writes it: the outcome decides
+            if not allowed or self.ledger.live(key):
+                with db.transaction(self.ns.conn):
+                    self.ledger.deleted(key)
+                continue
+            done = self.s.busy[key] = trio.Event()
+            try:
+                await self._protect(key, None)
+                await self.repo.delete(key)
+            except (RepositoryError, OSError) as exc:
+                self.events.emit("ERROR", "S3ExportDeleteFailed", f"Deleting {key} failed: {exc}", key=key)
+                self._delete_backoff = time.monotonic() + DELETE_BACKOFF
+                return
+            finally:
+                del self.s.busy[key]
+                done.set()
+            with db.transaction(self.ns.conn):
+                self.ledger.deleted(key)
         self._delete_backoff = 0.0

@@ -5,20 +5,43 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import run_cli
+from helpers import MotoEndpoint, Mounted, create_fs, mount_fs, run_cli
 
 from lustrefs import control_client
+from lustrefs.control_channel import Caller
 from lustrefs.namespace import CONTROL_INODE
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024
 ARCHIVED = "(0x00000009) exists archived, archive_id:1"
+SYSTEM_PYTHON = "/usr/bin/python3"  # runnable by any user, unlike a virtualenv under /root
+NOBODY = 65534
+TEAM = 4242  # a group that no one is in unless given it
+NO_ENTRY = {"ok": False, "errno": errno.ENOENT, "code": None, "message": os.strerror(errno.ENOENT)}
+# Run as another user: asks each (op, ino) of argv[2] on its own handle of the control file argv[1].
+ASK_EACH = """
+import json, os, sys
+answers = []
+for op, ino in json.loads(sys.argv[2]):
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    os.write(fd, json.dumps({"op": op, "ino": ino}).encode() + b"\\n")
+    out = b""
+    while chunk := os.pread(fd, 65536, len(out)):
+        out += chunk
+    os.close(fd)
+    answers.append(json.loads(out))
+print(json.dumps(answers))
+"""
 
 
 def read_all(fd: int) -> bytes:
@@ -177,3 +200,110 @@ def test_stats_on_a_read_only_mount(s3: Any, bucket: str, mounter: Any) -> None:
     assert (rc, err) == (1, f"can't get hsm state for {m.path / 'a.txt'}: Read-only file system\n")
     rc, _, err = run_cli("stats", str(m.path / "a.txt"))
     assert (rc, err) == (1, f"lustrefs stats: {m.path / 'a.txt'}: not the root of a lustrefs mount\n")
+
+
+@pytest.fixture
+def shared_mount(moto: MotoEndpoint, bucket: str, home: Path) -> Iterator[Mounted]:
+    """A mount with ``allow_other`` on a mount point other users can reach (tmp_path is root's alone)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} is needed to act as another user")
+    fs_id = create_fs(moto, f"s3://{bucket}")
+    top = Path(tempfile.mkdtemp(prefix="lustrefs-control-"))
+    os.chmod(top, 0o755)
+    res, m = mount_fs(fs_id, top / "mnt", "allow_other,export_delay=3600")
+    assert m is not None, res.stderr
+    try:
+        yield m
+    finally:
+        m.cleanup()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def ask_as(m: Mounted, groups: list[int], questions: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The responses to ``questions`` (op, ino) asked by uid NOBODY with supplementary ``groups``."""
+    res = subprocess.run(
+        [SYSTEM_PYTHON, "-c", ASK_EACH, str(m.path / ".lustrefs"), json.dumps(questions)], user=NOBODY,
+        group=NOBODY, extra_groups=groups, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return list(json.loads(res.stdout))
+
+
+def make_file(path: Path, mode: int, uid: int = 0, gid: int = 0) -> int:
+    path.write_bytes(b"x")
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    return os.stat(path).st_ino
+
+
+def make_dir(path: Path, mode: int, uid: int = 0, gid: int = 0) -> int:
+    path.mkdir()
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    return os.stat(path).st_ino
+
+
+def test_a_user_is_answered_only_about_files_it_could_open(shared_mount: Mounted) -> None:
+    root = shared_mount.path
+    os.chmod(root, 0o755)
+    make_dir(root / "public", 0o755)
+    hidden = {
+        "missing": 10**12,
+        "secret": make_dir(root / "secret", 0o700),  # root's: no one else may search it
+        "secret/file": make_file(root / "secret/file", 0o644),
+        "team": make_dir(root / "team", 0o750, gid=TEAM),
+        "team/file": make_file(root / "team/file", 0o640, gid=TEAM),
+        # POSIX takes the owner's bits for the owner, even when the others' would allow more.
+        "public/not_for_owner": make_file(root / "public/not_for_owner", 0o044, uid=NOBODY),
+    }
+    readable = make_file(root / "public/file", 0o644)
+    not_for_team = make_file(root / "public/not_for_team", 0o404, gid=TEAM)  # the group's bits, for the group
+    ops = ("hsm_state", "hsm_action", "hsm_archive", "hsm_release", "hsm_restore")
+
+    # Whatever the op, an entry the user could not open answers as one that does not exist.
+    answers = ask_as(shared_mount, [], [(op, ino) for ino in hidden.values() for op in ops])
+    assert answers == [NO_ENTRY] * len(hidden) * len(ops)
+
+    # One it could open is answered: state for anyone, actions for root and the owner only.
+    answers = ask_as(shared_mount, [], [(op, ino) for ino in (readable, not_for_team) for op in ops])
+    refused = [
+        {
+            "ok": False,
+            "errno": errno.EPERM,
+            "code": "AccessDenied",
+            "message": f"only root or the owner may {verb} this file",
+        }
+        for verb in ("archive", "release", "restore")
+    ]
+    for state, action, *actions in (answers[:5], answers[5:]):
+        assert state["ok"] and state["value"]["flags"] & 0x01 and action["ok"], (state, action)
+        assert actions == refused
+
+    # A supplementary group of the process that opened the handle counts, as the kernel counts it.
+    team = [("hsm_state", hidden["team/file"]), ("hsm_state", not_for_team), ("hsm_state", hidden["secret/file"])]
+    answers = ask_as(shared_mount, [TEAM], team)
+    assert answers[0]["ok"] and answers[1:] == [NO_ENTRY, NO_ENTRY], answers
+
+
+def test_the_caller_is_the_process_that_opened_the_handle() -> None:
+    me = Caller.of(SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
+    assert me == Caller(os.getuid(), os.getgid(), frozenset({os.getgid(), *os.getgroups()}))
+    # The process is gone, or is no longer the one that asked: its primary group only.
+    assert Caller.of(SimpleNamespace(uid=NOBODY, gid=NOBODY, pid=0)) == Caller(NOBODY, NOBODY, frozenset({NOBODY}))
+    assert Caller.of(SimpleNamespace(uid=NOBODY, gid=TEAM, pid=os.getpid())) == Caller(NOBODY, TEAM, frozenset({TEAM}))
+
+
+@pytest.mark.parametrize(
+    ("caller", "mode", "allowed"),
+    [
+        (Caller(0, 0, frozenset({0})), 0o000, True),  # root may read and search anything
+        (Caller(5, 6, frozenset({6})), 0o400, True),  # the owner: its bits
+        (Caller(5, 6, frozenset({6})), 0o077, False),  # the owner: its bits only
+        (Caller(7, 8, frozenset({8, 9})), 0o040, True),  # in the file's group (supplementary): the group's bits
+        (Caller(7, 8, frozenset({8, 9})), 0o707, False),  # the group's bits only
+        (Caller(7, 8, frozenset({8})), 0o004, True),  # anyone else: the others' bits
+        (Caller(7, 8, frozenset({8})), 0o770, False),
+    ],
+)
+def test_permission_classes_in_posix_order(caller: Caller, mode: int, allowed: bool) -> None:
+    assert caller.may(os.R_OK, mode, 5, 9) is allowed

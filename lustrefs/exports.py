@@ -1,0 +1,156 @@
+"""The export ledger: the only code that writes the export state of entries in SQLite.
+
+The columns and tables it owns: ``inodes.dirty`` and ``inodes.exported_key``, the location of a file's clean
+data after an export (``key``, ``etag``, ``src_limit``, ``import_etag``), ``export_intents`` and
+``pending_deletes``. lustrefs.writeback drives the state machine below through it; lustrefs.namespace reports
+local changes and removals to it. Every method runs in the caller's transaction.
+
+The life of one export of an entry (docs/SEMANTICS.md, "Export")::
+
+    clean --local change--> dirty --begin--> uploading --record--> clean (or dirty again if it changed meanwhile)
+                                                  |                     old key -> pending delete -> DELETE
+                                                  +--abandon (failure, crash at the next start)--> dirty
+
+Invariant: every object lustrefs may have created in the export prefix is named by a live entry's
+``exported_key``, by an intent (a request may be writing it) or by a pending delete. An intent is written
+before its request is sent, so an unlink, a rename or a crash at any moment leaves the key known durably, and
+the final tree decides whether it is kept (it is some live entry's ``exported_key``) or deleted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+ORPHAN = 0  # parent of unlinked inodes (lustrefs.namespace)
+DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
+
+
+class ExportLedger:
+    """Durable export state on the mount's connection (the trio thread's)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # ------------------------------------------------------------------------------------- local changes
+
+    def mark_dirty(self, ino: int, flags: int) -> None:
+        """A local change of ``ino``: it needs exporting (``data_gen`` counts the changes)."""
+        self.conn.execute(
+            "UPDATE inodes SET dirty = dirty | ?, data_gen = data_gen + 1, ctime_ns = ? WHERE ino = ?",
+            (flags, time.time_ns(), ino),
+        )
+
+    def detach(self, ino: int, exported_key: str | None) -> None:
+        """``ino`` left the tree (unlink, rmdir, replaced by a rename): its object is deleted from the export
+        prefix. Its dirty flags stay: an open handle keeps reading its local data until it is purged."""
+        if exported_key:
+            self.queue_delete(exported_key)
+        self.conn.execute("UPDATE inodes SET exported_key = NULL WHERE ino = ?", (ino,))
+
+    def forget_object(self, ino: int) -> None:
+        """The object of ``ino`` was deleted in S3 by someone else: nothing of it is left to delete."""
+        self.conn.execute("UPDATE inodes SET exported_key = NULL WHERE ino = ?", (ino,))
+
+    # ------------------------------------------------------------------------------------- the export
+
+    def dirty_inodes(self) -> list[tuple[int, int]]:
+        """(ino, data_gen) of every live entry that needs exporting."""
+        return self.conn.execute(
+            "SELECT ino, data_gen FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,)
+        ).fetchall()
+
+    def count_dirty(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,)).fetchone()[
+            0
+        ]
+
+    def mark_clean(self, ino: int) -> None:
+        """Nothing of ``ino`` is exported (the root): it is clean."""
+        self.conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
+
+    def begin(self, ino: int, key: str) -> None:
+        """An export of ``ino`` to ``key`` is about to send its request: record the intent first.
+
+        A deletion of ``key`` still queued is void (the export replaces the object), and another entry that was
+        exported to ``key`` before (it has been renamed or removed since) no longer has its object there.
+        """
+        self.conn.execute(
+            "INSERT INTO export_intents (key, ino, since_ns) VALUES (?, ?, ?)", (key, ino, time.time_ns())
+        )
+        self.conn.execute("DELETE FROM pending_deletes WHERE key = ?", (key,))
+        self.conn.execute("UPDATE inodes SET exported_key = NULL WHERE exported_key = ? AND ino != ?", (key, ino))
+
+    def abandon(self, key: str) -> None:
+        """The request writing ``key`` failed, or a crash left its outcome unknown: the object may exist. It is
+        deleted unless a live entry is exported there (its next export writes it again)."""
+        self.conn.execute("DELETE FROM export_intents WHERE key = ?", (key,))
+        if not self.live(key):
+            self.queue_delete(key)
+
+    def record(self, ino: int, key: str, gen: int, data: tuple[str, int] | None, import_is_export: bool) -> bool:
+        """The export of ``ino`` at ``data_gen`` ``gen`` wrote ``key``; returns whether the entry is now clean.
+
+        ``data``: (ETag, size) of a file's new object, which becomes its clean data. The previous key of the
+        entry, if any other, is queued for deletion in the same transaction: the new key is durable before the
+        old one can go.
+        """
+        row = self.conn.execute("SELECT exported_key, data_gen, src_limit FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        self.conn.execute("DELETE FROM export_intents WHERE key = ?", (key,))
+        old, unchanged = row[0], row[1] == gen
+        self.conn.execute("UPDATE inodes SET exported_key = ? WHERE ino = ?", (key, ino))
+        if old and old != key and not self.live(old):
+            self.queue_delete(old)
+        if data is not None:
+            etag, size = data
+            limit = size if unchanged else min(size, row[2])
+            self.conn.execute(
+                "UPDATE inodes SET key = ?, etag = ?, src_limit = ? WHERE ino = ?", (key, etag, limit, ino)
+            )
+            if import_is_export:  # the object at this path is now this export
+                self.conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (etag, ino))
+        if unchanged:
+            self.conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
+        return unchanged
+
+    def relocate(self, ino: int, key: str, etag: str) -> None:
+        """The clean data of ``ino`` is the object ``key`` at ``etag`` (a lost copy source, found again)."""
+        self.conn.execute("UPDATE inodes SET key = ?, etag = ? WHERE ino = ?", (key, etag, ino))
+
+    def intents(self) -> list[str]:
+        """Keys whose export was in flight when an earlier run stopped."""
+        return [r[0] for r in self.conn.execute("SELECT key FROM export_intents ORDER BY since_ns")]
+
+    # ------------------------------------------------------------------------------------- deletions
+
+    def live(self, key: str) -> bool:
+        """Whether a live entry is exported at ``key``."""
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM inodes WHERE exported_key = ? AND parent != ? LIMIT 1", (key, ORPHAN)
+            ).fetchone()
+            is not None
+        )
+
+    def queue_delete(self, key: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)", (key, time.time_ns()))
+
+    def pending_deletes(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns")]
+
+    def any_pending_delete(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM pending_deletes LIMIT 1").fetchone() is not None
+
+    def deleted(self, key: str) -> None:
+        """The deletion of ``key`` is done (or void: the policy refuses it, or a live entry is there)."""
+        self.conn.execute("DELETE FROM pending_deletes WHERE key = ?", (key,))
+
+    def readers_of(self, key: str, etag: str | None = None) -> list[sqlite3.Row]:
+        """Entries (live or unlinked and still open) whose clean data is the object ``key`` (at ``etag``) and
+        that have bytes to read from it."""
+        sql = "SELECT * FROM inodes WHERE key = ? AND etag IS NOT NULL AND src_limit > 0 AND (dirty & ?) = 0"
+        args: tuple[object, ...] = (key, DATA)
+        if etag is not None:
+            sql += " AND etag = ?"
+            args += (etag,)
+        return self.conn.execute(sql, args).fetchall()

@@ -1,0 +1,231 @@
+"""A lustrefs daemon in the test's own trio run, on an in-memory repository: the core without FUSE.
+
+``Daemon`` wires the namespace, cache, exporter and FUSE ``Operations`` the way lustrefs.daemon does, on a state
+directory that outlives it. ``crash()`` stops it the way ``kill -9`` would: its database connection is closed
+first (an open transaction is lost), its repository client stops reaching the bucket, and its tasks are
+abandoned; a new ``Daemon`` on the same directory is the next mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+from memrepo import Bucket, MemoryRepository
+
+from lustrefs import db
+from lustrefs.cache import Cache
+from lustrefs.control_channel import Control
+from lustrefs.events import EventLog
+from lustrefs.fs import Operations
+from lustrefs.namespace import ROOT_INODE, Defaults, Namespace
+from lustrefs.prefetch import Prefetcher
+from lustrefs.writeback import ExportTarget, Writeback
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Ctx:
+    """What pyfuse3 passes handlers about the caller."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = os.getpid()
+    umask: int = 0o022
+
+
+@dataclass
+class Fields:
+    """pyfuse3.SetattrFields, whose attributes Python cannot set."""
+
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+
+
+class Daemon:
+    """One mount's core: ``await d.start(nursery)``, then ``d.ops`` answers FUSE requests."""
+
+    def __init__(
+        self,
+        home: Path,
+        store: Bucket,
+        import_prefix: str = "",
+        export_prefix: str | None = None,
+        delay: float = 0.0,
+        part_size: int = MIB,
+        capacity: int = 256 * MIB,
+        policy: frozenset[str] = frozenset({"NEW", "CHANGED", "DELETED"}),
+    ) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "cache").mkdir(exist_ok=True)
+        self.repo = MemoryRepository(store)
+        self.conn = db.connect(home / "state.db")
+        self.events = EventLog(home / "events.jsonl", "fs-0123456789abcdef0")
+        self.policy = policy
+        target = ExportTarget.of(import_prefix, import_prefix if export_prefix is None else export_prefix)
+        self.ns = Namespace(
+            self.conn, self.repo, self.events, import_prefix, Defaults(), export_is_import=target.base == ""
+        )  # type: ignore[arg-type]
+        self.cache = Cache(self.conn, self.repo, [home / "cache"], capacity, 4 * part_size, part_size)  # type: ignore[arg-type]
+        self.cache.load()
+        self.writeback = Writeback(
+            self.ns, self.cache, self.repo, self.events, target, lambda: self.policy, delay, upload_part=MIB
+        )  # type: ignore[arg-type]
+        self.ns.on_purge = self.cache.drop_inode
+        self.ns.on_change = self.writeback.schedule
+        self.ns.purge_orphans()
+        control = Control(self.ns, self.cache, self.writeback)
+        prefetcher = Prefetcher(self.cache, 0, small_file=0, files_ahead=0)
+        self.ops = Operations(self.ns, self.cache, prefetcher, self.writeback, control, 1.0, 1.0)
+        self._scope = trio.CancelScope()
+        self._ended = trio.Event()
+        self.crashed = False
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the background tasks in ``nursery`` (abandoned by ``crash``, ended by ``stop``)."""
+        started = trio.Event()
+
+        async def run() -> None:
+            try:
+                await serve()
+            finally:
+                self._ended.set()
+
+        async def serve() -> None:
+            with self._scope:
+                try:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(self.ns.run)
+                        await inner.start(self.cache.run)
+                        await inner.start(self.writeback.run)
+                        started.set()
+                except BaseException:
+                    if not self.crashed:
+                        raise  # after a crash, whatever the abandoned tasks ran into is the dead process's
+
+        nursery.start_soon(run)
+        await started.wait()
+
+    async def crash(self) -> None:
+        """``kill -9``: nothing more reaches the database or the bucket."""
+        self.crashed = True
+        self.repo.kill()
+        self.conn.close()
+        self._scope.cancel()
+        self.events.close()
+        await trio.lowlevel.checkpoint()
+
+    async def stop(self, export_timeout: float = 10.0) -> list[tuple[str, str]]:
+        """Unmount: export what is dirty (at most ``export_timeout``), stop, close. Returns what is left."""
+        left = await self.writeback.flush(export_timeout)
+        self._scope.cancel()
+        await self._ended.wait()
+        self.cache.flush()
+        self.conn.close()
+        self.events.close()
+        return left
+
+    # ------------------------------------------------------------------------------------- POSIX helpers
+
+    async def resolve(self, path: str) -> int:
+        """The inode of ``path`` (relative to the root, '' for the root)."""
+        ino = ROOT_INODE
+        for part in filter(None, path.split("/")):
+            attrs = await self.ops.lookup(ino, part.encode(), Ctx())
+            if attrs.st_ino == 0:
+                raise FileNotFoundError(errno.ENOENT, path)
+            ino = attrs.st_ino
+        return ino
+
+    async def _parent(self, path: str) -> tuple[int, bytes]:
+        head, _, name = path.rpartition("/")
+        return await self.resolve(head), name.encode()
+
+    async def write_file(self, path: str, data: bytes, close: bool = True) -> int:
+        """Create (or truncate) ``path`` and write ``data``; returns the open handle if ``close`` is False."""
+        parent, name = await self._parent(path)
+        try:
+            ino = await self.resolve(path)
+            fh = (await self.ops.open(ino, os.O_WRONLY | os.O_TRUNC, Ctx())).fh
+        except FileNotFoundError:
+            info, _ = await self.ops.create(parent, name, 0o644, os.O_WRONLY, Ctx())
+            fh = info.fh
+        if data:
+            await self.ops.write(fh, 0, data)
+        if close:
+            await self.ops.release(fh)
+        return fh
+
+    async def read_file(self, path: str) -> bytes:
+        ino = await self.resolve(path)
+        fh = (await self.ops.open(ino, os.O_RDONLY, Ctx())).fh
+        try:
+            return await self.read_handle(fh, ino)
+        finally:
+            await self.ops.release(fh)
+
+    async def read_handle(self, fh: int, ino: int) -> bytes:
+        size = (await self.ops.getattr(ino, Ctx())).st_size
+        return bytes(await self.ops.read(fh, 0, size)) if size else b""
+
+    async def mkdir(self, path: str) -> None:
+        parent, name = await self._parent(path)
+        await self.ops.mkdir(parent, name, 0o755, Ctx())
+
+    async def unlink(self, path: str) -> None:
+        ino = await self.resolve(path)
+        parent, name = await self._parent(path)
+        await self.ops.unlink(parent, name, Ctx())
+        await self._evicted(ino)
+
+    async def rmdir(self, path: str) -> None:
+        ino = await self.resolve(path)
+        parent, name = await self._parent(path)
+        await self.ops.rmdir(parent, name, Ctx())
+        await self._evicted(ino)
+
+    async def _evicted(self, ino: int) -> None:
+        """The kernel drops an unlinked inode's dentry and forgets it (it still counts open handles itself)."""
+        count = self.ns.lookup_counts.get(ino, 0)
+        if count:
+            await self.ops.forget([(ino, count)])
+
+    async def rename(self, old: str, new: str) -> None:
+        p1, n1 = await self._parent(old)
+        p2, n2 = await self._parent(new)
+        await self.ops.rename(p1, n1, p2, n2, 0, Ctx())
+
+    async def symlink(self, path: str, target: str) -> None:
+        parent, name = await self._parent(path)
+        await self.ops.symlink(parent, name, target.encode(), Ctx())
+
+    async def chmod(self, path: str, mode: int) -> None:
+        ino = await self.resolve(path)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mode = mode
+        await self.ops.setattr(ino, attr, Fields(update_mode=True), None, Ctx())  # type: ignore[arg-type]
+
+    async def settled(self, timeout: float = 10.0) -> None:
+        """Wait until nothing is left to export: no dirty live entry, no intent, no pending delete (bounded)."""
+        sql = (
+            "SELECT (SELECT count(*) FROM inodes WHERE dirty != 0 AND parent != 0)"
+            " + (SELECT count(*) FROM pending_deletes)"
+        )
+        with trio.fail_after(timeout):
+            while self.writeback.queue_length() or self.conn.execute(sql).fetchone()[0] or self._intents():
+                await trio.sleep(0.01)
+
+    def _intents(self) -> int:
+        try:
+            return self.conn.execute("SELECT count(*) FROM export_intents").fetchone()[0]
+        except Exception:  # a state database from before export intents
+            return 0

@@ -1,0 +1,379 @@
+"""The export state machine against an in-memory repository: unlink, rename and crashes at every step.
+
+Each test runs a daemon's core in-process (tests/inproc.py) with requests held at gates, so the race it is
+about happens every time, not by luck of timing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+from inproc import MIB, Ctx, Daemon
+from memrepo import Bucket
+
+from lustrefs.namespace import ROOT_INODE
+
+Test = Callable[[trio.Nursery], Awaitable[None]]
+
+
+def run(test: Test, timeout: float = 60.0) -> None:
+    """Run ``test(nursery)`` in trio, bounded; daemons it starts live in ``nursery``."""
+
+    async def main() -> None:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                await test(nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def fuse_errno(exc: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
+    return exc.value.errno
+
+
+# ------------------------------------------------------------------------------------------ unlink and export
+
+
+def test_unlink_while_the_first_export_is_in_flight_deletes_the_new_object(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path / "a", store)
+        await d.start(nursery)
+        put = store.gate("PUT", "f")
+        await d.write_file("f", os.urandom(MIB // 2))
+        await put.wait_arrived()
+        await d.unlink("f")
+        put.open()
+        await d.settled()
+        assert "f" not in store.objects
+        await d.stop()
+        again = Daemon(tmp_path / "b", store)  # a new file system on the bucket shows nothing
+        await again.start(nursery)
+        with pytest.raises(FileNotFoundError):
+            await again.resolve("f")
+        await again.stop()
+
+    run(test)
+
+
+def test_unlink_while_a_multipart_export_is_in_flight(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        put = store.gate("PUT", "big")
+        await d.write_file("big", os.urandom(3 * MIB))
+        await put.wait_arrived()
+        await d.unlink("big")
+        put.open()
+        await d.settled()
+        assert store.objects == {} and store.uploads == {}
+        await d.stop()
+
+    run(test)
+
+
+@pytest.mark.parametrize("kind", ["dir", "symlink"])
+def test_create_change_remove_cycles_leave_no_object(tmp_path: Path, kind: str) -> None:
+    store = Bucket()
+    store.faults.latency = 0.002  # requests take a while: removals overtake exports
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        for _ in range(30):
+            if kind == "dir":
+                await d.mkdir("x")
+                await d.chmod("x", 0o700)
+                await trio.sleep(0.003)
+                await d.rmdir("x")
+            else:
+                await d.symlink("l", "target")
+                await trio.sleep(0.003)
+                await d.unlink("l")
+        await d.settled()
+        assert store.objects == {}
+        await d.stop()
+
+    run(test)
+
+
+def test_rename_back_during_export_keeps_the_object(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        put = store.gate("PUT", "a")
+        await d.write_file("a", b"one")
+        await put.wait_arrived()
+        await d.rename("a", "b")
+        put.open()
+        await d.settled()
+        assert set(store.objects) == {"b"} and store.objects["b"].body == b"one"
+        await d.rename("b", "a")
+        await d.settled()
+        assert set(store.objects) == {"a"} and store.objects["a"].body == b"one"
+        await d.stop()
+
+    run(test)
+
+
+def test_a_new_file_at_a_renamed_files_old_key_keeps_both(tmp_path: Path) -> None:
+    """``mv a b; echo new > a``: the export of the new ``a`` must not destroy the data ``b`` still reads."""
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.write_file("a", b"old data")
+        await d.settled()
+        d.cache.release(await d.resolve("a"))  # only S3 holds the data of a
+        copy = store.gate("COPY", "b")
+        await d.rename("a", "b")
+        await d.write_file("a", b"new")
+        copy.open()
+        await d.settled()
+        assert store.objects["a"].body == b"new" and store.objects["b"].body == b"old data"
+        assert await d.read_file("b") == b"old data"
+        await d.stop()
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ crashes
+
+
+def test_crash_while_the_old_key_of_a_rename_is_deleted(tmp_path: Path) -> None:
+    store = Bucket()
+    data = os.urandom(200_000)
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.mkdir("d")
+        await d.write_file("d/f", data)
+        await d.settled()
+        delete = store.gate("DELETE", "d/f", after=True)  # the DELETE happens, its answer never comes
+        await d.rename("d/f", "d/g")
+        await delete.wait_arrived()
+        await d.crash()
+        delete.open()
+        for part in (tmp_path / "cache").rglob("*"):  # the cached parts are gone too
+            if part.is_file():
+                part.unlink()
+        again = Daemon(tmp_path, store)
+        await again.start(nursery)
+        await again.settled()
+        assert set(store.objects) == {"d/", "d/g"}
+        assert await again.read_file("d/g") == data
+        assert await again.stop() == []
+
+    run(test)
+
+
+def test_crash_during_a_multipart_export_aborts_the_upload_at_the_next_start(tmp_path: Path) -> None:
+    store = Bucket()
+    data = os.urandom(3 * MIB + 5)
+    puts = [0]
+
+    def third_put(key: str) -> bool:
+        puts[0] += 1
+        return key == "big" and puts[0] >= 3
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        gate = store.gate("PUT", third_put)
+        await d.write_file("big", data)
+        await gate.wait_arrived()
+        assert len(store.uploads) == 1
+        await d.crash()
+        gate.open()
+        again = Daemon(tmp_path, store)
+        await again.start(nursery)
+        await again.settled()
+        assert store.uploads == {}
+        assert store.objects["big"].body == data
+        assert await again.stop() == []
+
+    run(test)
+
+
+def test_crash_after_an_unlinked_files_export_wrote_its_object(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        put = store.gate("PUT", "f", after=True)
+        await d.write_file("f", b"x" * 1000)
+        await put.wait_arrived()
+        await d.unlink("f")
+        await d.crash()
+        put.open()
+        assert "f" in store.objects
+        again = Daemon(tmp_path, store)
+        await again.start(nursery)
+        await again.settled()
+        assert store.objects == {}
+        await again.stop()
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ open, unlinked
+
+
+def test_an_unlinked_file_still_open_reads_its_data(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, delay=3600)
+        await d.start(nursery)
+        info, attrs = await d.ops.create(ROOT_INODE, b"tmp", 0o600, os.O_RDWR, Ctx())
+        await d.ops.write(info.fh, 0, b"Hello")
+        await d.unlink("tmp")
+        assert bytes(await d.ops.read(info.fh, 0, 5)) == b"Hello"
+        big = os.urandom(9 * MIB)
+        await d.ops.write(info.fh, 0, big)
+        assert bytes(await d.ops.read(info.fh, 0, len(big))) == big
+        await d.ops.release(info.fh)
+        await d.stop()
+
+    run(test)
+
+
+def test_an_exported_file_unlinked_while_open_reads_after_its_object_is_deleted(tmp_path: Path) -> None:
+    store = Bucket()
+    data = os.urandom(3 * MIB)
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.write_file("f", data)
+        await d.settled()
+        ino = await d.resolve("f")
+        d.cache.release(ino)
+        fh = (await d.ops.open(ino, os.O_RDONLY, Ctx())).fh
+        await d.unlink("f")
+        await d.settled()
+        assert store.objects == {}
+        assert bytes(await d.ops.read(fh, 0, len(data))) == data
+        await d.ops.release(fh)
+        await d.stop()
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def test_export_retries_back_off_and_unmount_reports_what_is_left(tmp_path: Path) -> None:
+    store = Bucket()
+    store.faults.fail["PUT"] = 10**9  # the endpoint refuses every upload
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.write_file("f", b"data")
+        with trio.fail_after(20):
+            left = await d.stop(export_timeout=3.0)
+        assert [path for path, _ in left] == ["/f"]
+        assert "S3ExportFailed" in left[0][1]
+        assert store.requests["PUT"] <= 10  # about one per FLUSH_RETRY, not one every 50 ms
+
+    run(test)
+
+
+def test_backoff_is_bounded_for_any_number_of_failures() -> None:
+    from lustrefs.writeback import MAX_BACKOFF, backoff
+
+    assert backoff(1) == 2.0
+    assert backoff(1024) == backoff(10**6) == MAX_BACKOFF
+
+
+def test_entries_refused_by_the_policy_are_not_reported_at_unmount(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, policy=frozenset({"CHANGED", "DELETED"}))
+        await d.start(nursery)
+        await d.write_file("f", b"data")
+        assert await d.stop(export_timeout=2.0) == []
+        assert store.objects == {}
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+def test_names_longer_than_255_bytes_are_enametoolong(tmp_path: Path) -> None:
+    store = Bucket()
+    long = b"n" * 256
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.write_file("f", b"x")
+        ino = await d.resolve("f")
+        calls = [
+            d.ops.lookup(ROOT_INODE, long, Ctx()),
+            d.ops.unlink(ROOT_INODE, long, Ctx()),
+            d.ops.rmdir(ROOT_INODE, long, Ctx()),
+            d.ops.rename(ROOT_INODE, long, ROOT_INODE, b"g", 0, Ctx()),
+            d.ops.rename(ROOT_INODE, b"f", ROOT_INODE, long, 0, Ctx()),
+            d.ops.mknod(ROOT_INODE, long, 0o10644, 0, Ctx()),
+            d.ops.link(ino, ROOT_INODE, long, Ctx()),
+            d.ops.mkdir(ROOT_INODE, long, 0o755, Ctx()),
+        ]
+        for call in calls:
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await call
+            assert fuse_errno(exc) == errno.ENAMETOOLONG
+        await d.ops.symlink(ROOT_INODE, b"l", b"t" * 1000, Ctx())  # a target is no name: up to PATH_MAX
+        await d.stop()
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ lazy load
+
+
+def test_an_object_replaced_before_its_first_read_is_loaded_anew(tmp_path: Path) -> None:
+    store = Bucket()
+    store.put_object("data/a", b"first version")
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, import_prefix="data/", export_prefix="out/")
+        await d.start(nursery)
+        ino = await d.resolve("data/a")  # ImportPath filters: the tree shows the keys' whole paths
+        store.put_object("data/a", b"the second, longer version")
+        fh = (await d.ops.open(ino, os.O_RDONLY, Ctx())).fh
+        assert bytes(await d.ops.read(fh, 0, 4096)) == b"the second, longer version"  # the kernel reads pages
+        await d.ops.release(fh)
+        assert (await d.ops.getattr(ino, Ctx())).st_size == len(b"the second, longer version")
+        codes = [line for line in (tmp_path / "events.jsonl").read_text().splitlines() if "ChangedBeforeRead" in line]
+        assert codes
+        # A handle that read a version keeps ESTALE when it goes away under it.
+        fh = (await d.ops.open(ino, os.O_RDONLY, Ctx())).fh
+        assert bytes(await d.ops.read(fh, 0, 3)) == b"the"
+        d.cache.release(ino)
+        store.put_object("data/a", b"third")
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await d.ops.read(fh, 0, 100)
+        assert fuse_errno(exc) == errno.ESTALE
+        await d.ops.release(fh)
+        await d.stop()
+
+    run(test)
