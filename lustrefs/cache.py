@@ -4,7 +4,8 @@ Data of one object version is cut into parts of ``part_size`` bytes (a part neve
 chunk size, ``ImportedFileChunkSize``, is a whole number of parts). Chunk N of a file lives on cache target
 N mod (number of targets) — the local striped cache. Each part is one file, written under a temporary name
 and renamed into place, so a half-written part never looks present; a part file whose size is not the
-recorded one is treated as missing. The index (``cache_parts``) is in SQLite and survives a restart.
+recorded one is treated as missing. The index (``cache_parts``) is in SQLite and survives a restart. A target
+disk that fills up before the capacity is reached (ENOSPC) makes room by evicting the clean parts stored on it.
 Concurrent readers of a missing part share one download; parts being read are pinned against eviction.
 
 Fetched data is served from memory first: the parts of recent GETs stay in a bounded in-memory set
@@ -29,14 +30,15 @@ import mmap
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from . import db
-from .repository import Repository, RepositoryError
+from .repository import ObjectStore, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class Cache:
     def __init__(
         self,
         conn: sqlite3.Connection,
-        repo: Repository,
+        repo: ObjectStore,
         targets: list[Path],
         capacity: int,
         chunk_size: int,
@@ -339,7 +341,7 @@ class Cache:
         keys = [(obj.ino, obj.etag, p) for p in run]
         start = run[0] * self.part_size
         end = min((run[-1] + 1) * self.part_size, obj.size)
-        written = False
+        kept = False  # the parts stay readable: indexed on disk, or in memory only when the disk refused them
         self._reserved += end - start  # counted until indexed, so concurrent fetches cannot overfill
         try:
             try:
@@ -356,13 +358,15 @@ class Cache:
                 self._unwritten.add(key)
                 self._remember(key, piece)
             writes = [(self.path_of(k), piece) for k, piece in zip(keys, pieces, strict=True)]
+            large = end - start >= _DIRECT_MIN  # a small file: a page-cache write costs less than a thread hop
             try:
-                if end - start < _DIRECT_MIN:  # a small file: a page-cache write costs less than a thread hop
-                    _write_parts(writes)
-                else:
-                    await trio.to_thread.run_sync(_write_parts, writes, True, limiter=self._disk)
-            except OSError as exc:  # the readers had the data; it is fetched again when needed
+                await self._with_room(run, end - start, _write_parts, writes, large, thread=large)
+            except OSError as exc:  # served from memory until trimmed, fetched again after that
                 log.warning("could not write parts %s of %s to the cache: %s", run, obj.key, exc)
+                for (path, _), key in zip(writes, keys, strict=True):
+                    if key not in self._lru:  # those of the run written before the failure
+                        path.unlink(missing_ok=True)
+                kept = True
                 return
             with db.transaction(self.conn):
                 for (path, piece), key in zip(writes, keys, strict=True):
@@ -370,12 +374,12 @@ class Cache:
                         self._add(key, len(piece))
                     else:  # released or dropped while it was being written
                         path.unlink(missing_ok=True)
-            written = True
+            kept = True
         finally:
             self._reserved -= end - start
             for key in keys:
                 self._unwritten.discard(key)
-                if not written:
+                if not kept:
                     self._forget(key)
             self._trim_recent()
 
@@ -430,13 +434,22 @@ class Cache:
             growth = max(0, hi - self._lru[key])
             if growth:
                 self._reserve(growth)
-            fd = os.open(self.path_of(key), os.O_WRONLY)
+            path = self.path_of(key)
             try:
-                os.pwrite(fd, data[start + lo - off : start + hi - off], lo)
-            finally:
-                os.close(fd)
+                await self._with_room([p], growth, _pwrite, path, data[start + lo - off : start + hi - off], lo)
+            except OSError:
+                if growth:
+                    os.truncate(path, self._lru[key])  # what the failed write appended is neither data nor counted
+                raise
             if growth:
                 self._resize(key, hi)
+
+    async def materialize(self, f: FileData) -> None:
+        """Copy every part of the file's content that is not local yet into local parts (its source object is
+        about to be overwritten or deleted)."""
+        for p in self._parts_of(0, f.size) if f.size else range(0):
+            if (f.ino, LOCAL, p) not in self._lru:
+                await self._materialize(f, p)
 
     async def _materialize(self, f: FileData, part: int) -> None:
         """Create the local part ``part`` from the file's current content (source bytes, or nothing)."""
@@ -446,8 +459,45 @@ class Cache:
             base = await self.read_source(f.source, start, min(self.part_size, f.source.size - start, f.size - start))
         self._reserve(len(base))
         key = (f.ino, LOCAL, part)
-        await trio.to_thread.run_sync(_write_parts, [(self.path_of(key), base)], limiter=self._disk)
+        await self._with_room([part], len(base), _write_parts, [(self.path_of(key), base)], thread=True)
         self._add(key, len(base))
+
+    async def _with_room(
+        self, parts: Sequence[int], size: int, write: Callable[..., None], *args: Any, thread: bool = False
+    ) -> None:
+        """``write(*args)``, which writes ``size`` bytes into files of ``parts`` (in a worker thread if
+        ``thread``). While their disk is full (ENOSPC), evict clean parts stored on it and try again; ENOSPC
+        once none is left."""
+        while True:
+            try:
+                if thread:
+                    await trio.to_thread.run_sync(write, *args, limiter=self._disk)
+                else:
+                    write(*args)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or not self._evict_from_disk(parts, size):
+                    raise
+
+    def _evict_from_disk(self, parts: Sequence[int], size: int) -> bool:
+        """Evict clean, unpinned parts on the disk(s) holding ``parts``, least recently used first, until
+        ``size`` bytes (at least one part) are freed. Returns whether any part was evicted."""
+        devices = {os.stat(self.targets[self.target_of(p)]).st_dev for p in parts}
+        on_disk = {i for i, target in enumerate(self.targets) if os.stat(target).st_dev in devices}
+        victims, freed = [], 0
+        for key, part_size in self._lru.items():
+            if freed >= max(size, 1):
+                break
+            if key[1] != LOCAL and key not in self._pins and self.target_of(key[2]) in on_disk:
+                victims.append(key)
+                freed += part_size
+        with db.transaction(self.conn):
+            for key in victims:
+                self._drop(key)
+        self.stats.evictions += len(victims)
+        if victims:
+            log.info("a cache disk is full: evicted %d clean parts (%d bytes)", len(victims), freed)
+        return bool(victims)
 
     def _reserve(self, size: int) -> None:
         """Make room for ``size`` more bytes by evicting clean data; ENOSPC if dirty data fills the cache."""
@@ -678,7 +728,8 @@ def _write_parts(pieces: Sequence[tuple[Path, Buffer]], direct: bool = False) ->
     """Write each part via a temporary file and a rename, so a part file is whole or absent (worker thread).
 
     ``direct``: write the whole 4 KiB blocks of parts of 256 KiB or more with ``O_DIRECT`` (bypassing the page
-    cache) where the file system supports it, the tail with a normal write.
+    cache) where the file system supports it, the tail with a normal write. A failed write leaves no temporary
+    file behind (on a full disk it would take the room the caller makes).
     """
     for path, data in pieces:
         path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -689,9 +740,24 @@ def _write_parts(pieces: Sequence[tuple[Path, Buffer]], direct: bool = False) ->
             done = _write_direct(fd, view) if direct and len(view) >= _DIRECT_MIN else 0
             while done < len(view):
                 done += os.write(fd, view[done:])
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         os.replace(tmp, path)
+
+
+def _pwrite(path: Path, data: Buffer, off: int) -> None:
+    """Write all of ``data`` at ``off`` into an existing part file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], off + done)
+    finally:
+        os.close(fd)
 
 
 def _write_direct(fd: int, view: memoryview) -> int:

@@ -10,10 +10,12 @@ replaced by ``lustrefs``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import re
+import signal
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +32,8 @@ from .s3client import make_client
 EXIT_SERVICE_ERROR = 254
 EXIT_USAGE = 252
 EXIT_OTHER_ERROR = 255
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C, as a shell reports a process killed by SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: stdout's reader went away, as for coreutils (`seq 1e6 | head -1`)
 MOUNT_EXIT_USAGE = 1  # mount(8): incorrect invocation
 MOUNT_EXIT_FAILURE = 32  # mount(8): mount failure
 
@@ -193,6 +197,8 @@ def cmd_create_file_system(args: argparse.Namespace) -> int:
 
 
 def cmd_describe_file_systems(args: argparse.Namespace) -> int:
+    for fs_id in args.file_system_ids or []:  # a malformed id is a BadRequest, as FSx's validation says
+        records.check_file_system_id(fs_id, "DescribeFileSystems")
     if args.max_results is not None or args.next_token is not None:
         _print_json(control.describe_file_systems(args.file_system_ids, args.max_results, args.next_token))
         return 0
@@ -293,12 +299,26 @@ def cmd_create_data_repository_task(args: argparse.Namespace) -> int:
     result = tasks.create_data_repository_task({k: v for k, v in request.items() if v is not None})
     if args.wait:
         task = result["DataRepositoryTask"]
-        final = tasks.wait_for_task(task["FileSystemId"], task["TaskId"], _progress_bar(sys.stderr))
+        try:
+            final = tasks.wait_for_task(task["FileSystemId"], task["TaskId"], _progress_bar(sys.stderr))
+        except KeyboardInterrupt:
+            _still_running(task["TaskId"], sys.stderr)
+            return EXIT_INTERRUPTED
         result = {"DataRepositoryTask": tasks.public(final)}
         _print_json(result)
         return 0 if final["Lifecycle"] == "SUCCEEDED" else 1  # --wait: a task that did not succeed fails
     _print_json(result)
     return 0
+
+
+def _still_running(task_id: str, stream: TextIO) -> None:
+    """After Ctrl-C during ``--wait``: the task is the daemon's, not this command's; say how to reach it."""
+    stream.write(
+        f"\nInterrupted: data repository task {task_id} keeps running in the file system's daemon.\n"
+        f"  Follow it:  lustrefs describe-data-repository-tasks --task-ids {task_id}\n"
+        f"  Cancel it:  lustrefs cancel-data-repository-task --task-id {task_id}\n"
+    )
+    stream.flush()
 
 
 def _progress_bar(stream: TextIO, width: int = 30) -> Callable[[dict[str, Any]], None]:
@@ -367,6 +387,8 @@ def format_stats(s: dict[str, Any], mountpoint: str) -> str:
     if "dirty" in s:
         n = s["dirty"]["entries"]
         rows.append(("Not exported", f"{n} {'entry' if n == 1 else 'entries'}, {_size(s['dirty']['bytes'])} of data"))
+        deletions = s["dirty"].get("deletions", 0)
+        rows.append(("Not deleted in S3", f"{deletions} {'object' if deletions == 1 else 'objects'}"))
     rows.append(("Export queue", str(s.get("export_queue", 0))))
     if imported.get("last_poll"):
         when = datetime.fromtimestamp(imported["last_poll"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -403,7 +425,7 @@ def parse_since(text: str) -> datetime:
 def cmd_describe_events(args: argparse.Namespace) -> int:
     """Print the file system's event log (JSON lines), from ``--since`` on."""
     records.load_record(args.file_system_id, "DescribeEvents")
-    path = records.home_dir() / args.file_system_id / "events.jsonl"
+    path = records.fs_path(args.file_system_id, "DescribeEvents") / "events.jsonl"
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -541,13 +563,46 @@ def _attach_since(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _as_a_tool(func: Callable[[], int]) -> int:
+    """Run a whole command the way Unix tools end: a closed stdout (``lustrefs … | head -1``) ends it quietly
+    with 141, as SIGPIPE ends coreutils; Ctrl-C ends it with 130. Neither prints a traceback."""
+    try:
+        rc = func()
+        sys.stdout.flush()  # here, not at the interpreter's exit, where a failure is reported but not caught
+        return rc
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError, ValueError):
+            print(file=sys.stderr)  # past the ^C the terminal echoed
+        return EXIT_INTERRUPTED
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for the closed pipe is discarded at exit, silently."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a file (tests): nothing is flushed at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lustrefs`` console script."""
-    try:
-        args = build_parser().parse_args(_attach_since(sys.argv[1:] if argv is None else argv))
-    except SystemExit as e:  # --help (0) and usage errors (252)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    return _run(lambda: args.func(args), EXIT_SERVICE_ERROR)
+
+    def command() -> int:
+        try:
+            args = build_parser().parse_args(_attach_since(sys.argv[1:] if argv is None else argv))
+        except SystemExit as e:  # --help (0) and usage errors (252)
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        return _run(lambda: args.func(args), EXIT_SERVICE_ERROR)
+
+    return _as_a_tool(command)
 
 
 # ------------------------------------------------------------------------------------ mount(8) helper
@@ -568,6 +623,10 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
 
     ``-f`` (fake) does everything but the mount; ``-s``, ``-n``, ``-N`` and ``-t`` are accepted and ignored.
     """
+    return _as_a_tool(lambda: _mount_helper(argv))
+
+
+def _mount_helper(argv: Sequence[str] | None) -> int:
     parser = MountParser(prog="mount.lustrefs", description="mount(8) helper for lustrefs file systems.")
     parser.add_argument("fs_id", metavar="FS_ID")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT")

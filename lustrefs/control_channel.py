@@ -155,8 +155,11 @@ class Control:
         snapshot = stats.snapshot(self.ns, self.cache, self.fuse)
         snapshot["file_system_id"] = self.ns.events.file_system_id
         snapshot["export_queue"] = self.writeback.queue_length()
-        dirty = self.ns.conn.execute("SELECT count(*) FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,))
-        snapshot["dirty"] = {"entries": dirty.fetchone()[0], "bytes": self.cache.local_bytes()}
+        snapshot["dirty"] = {
+            "entries": self.ns.exports.count_dirty(),
+            "bytes": self.cache.local_bytes(),
+            "deletions": self.ns.exports.count_pending_deletes(),  # objects still to delete from S3
+        }
         snapshot["hsm"] = {"archiving": len(self.hsm.archiving), "restoring": len(self.hsm.restoring)}
         snapshot["tasks"] = self.tasks.status()
         if self.importer is not None:

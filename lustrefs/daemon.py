@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 
 MOUNT_FAILURE = 32  # mount(8)'s exit status for "mount failure"
 READY_TIMEOUT = 60.0
-UMOUNT_TIMEOUT = 120.0
+UMOUNT_MARGIN = 15.0  # seconds umount waits past export_timeout: the grace below, closing the state, exiting
+SHUTDOWN_GRACE = 5.0  # seconds requests still running after the export get (aborting a multipart upload)
 FLUSH_INTERVAL = 30.0
+EXIT_FILE = "exit.json"  # written last by a daemon that ended cleanly: {"pid", "unexported"}
 
 
 class MountError(Exception):
@@ -92,6 +94,9 @@ def plan(
     url = s3client.S3Url.parse(repo_conf.get("ImportPath", ""))
     if url is None:
         raise MountError(f"file system {fs_id} has no data repository (ImportPath); nothing to mount")
+    for target in opts.cache_dirs:
+        if not os.path.isdir(target):  # an unmounted disk must not send the cache to the root file system
+            raise MountError(f"cache_dir {target} does not exist or is not a directory")
     mountpoint = os.path.realpath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
@@ -115,7 +120,7 @@ def plan(
 
 def check_bucket(p: MountPlan) -> None:
     """Fail fast, with a clear message, if the import bucket cannot be read."""
-    client = p.client(connect_timeout=3, read_timeout=10, max_attempts=2)
+    client = p.client(io_timeout=p.opts.io_timeout, max_attempts=2)
     try:
         client.list_objects_v2(Bucket=p.bucket, Prefix=p.import_prefix, MaxKeys=1)
     except Exception as exc:
@@ -244,8 +249,8 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
-    """``lustrefs umount``: unmount and wait for the daemon to exit."""
+def umount(mountpoint: str) -> int:
+    """``lustrefs umount``: unmount, wait for the daemon's export and report what it could not export."""
     state = find_daemon(mountpoint)
     if state is None and not is_lustrefs_mount(mountpoint):
         print(f"lustrefs umount: {mountpoint} is not a lustrefs mount", file=sys.stderr)
@@ -255,15 +260,39 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         print(f"lustrefs umount: {res.stderr.strip() or 'fusermount3 failed'}", file=sys.stderr)
         return 1
     if state is None:
-        return 0
-    timeout = max(timeout, float(state.get("export_timeout", 0)) + 60)  # the daemon exports before it exits
+        print(
+            f"lustrefs umount: unmounted {mountpoint}, but no daemon was serving it (it had exited, or it uses"
+            " another LUSTREFS_HOME): nothing confirms that everything was exported",
+            file=sys.stderr,
+        )
+        return 1
+    return _wait_for_export(state)
+
+
+def _wait_for_export(state: dict[str, Any]) -> int:
+    """Wait at most export_timeout + UMOUNT_MARGIN for the daemon to exit; its exit status file says how."""
+    pid = int(state["pid"])
+    home = records.home_dir() / state["fs_id"]
+    timeout = float(state.get("export_timeout", options.MountOptions().export_timeout)) + UMOUNT_MARGIN
     deadline = time.monotonic() + timeout
-    while records.process_alive(int(state["pid"])):
+    while records.process_alive(pid):
         if time.monotonic() > deadline:
-            print(f"lustrefs umount: daemon {state['pid']} still running after {timeout:.0f}s", file=sys.stderr)
+            print(
+                f"lustrefs umount: daemon {pid} still running {timeout:g} s after the unmount (export_timeout +"
+                f" {UMOUNT_MARGIN:g} s); it has not confirmed that everything was exported; see {home / 'daemon.log'}",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(0.05)
-    report = records.home_dir() / state["fs_id"] / "unexported.json"
+    if not _exit_confirmed(home, pid):
+        print(
+            f"lustrefs umount: daemon {pid} exited without confirming that everything was exported (it may have"
+            f" crashed; see {home / 'daemon.log'}); entries not exported stay dirty in the cache and are exported"
+            " at the next mount",
+            file=sys.stderr,
+        )
+        return 1
+    report = home / "unexported.json"
     if report.exists():
         left = json.loads(report.read_text())
         print(
@@ -277,19 +306,39 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
     return 0
 
 
+def write_exit_status(home: Path, pid: int, left: list[tuple[str, str]]) -> None:
+    """Record the clean end of daemon ``pid``: what it could not export (``unexported.json``), then the exit
+    status file that ``umount`` requires. A daemon that dies before this leaves no exit status."""
+    report = home / "unexported.json"
+    if left:
+        report.write_text(json.dumps([{"path": path, "reason": why} for path, why in left], indent=1))
+    else:
+        report.unlink(missing_ok=True)
+    tmp = home / (EXIT_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": pid, "unexported": len(left)}))
+    os.replace(tmp, home / EXIT_FILE)
+
+
+def _exit_confirmed(home: Path, pid: int) -> bool:
+    try:
+        return json.loads((home / EXIT_FILE).read_text())["pid"] == pid
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 # ----------------------------------------------------------------------------------------------- the daemon
 
 
 def _setup_logging(level: str, logfile: Path | None) -> None:
+    from .events import SafeFormatter  # every line is a record's: control characters (in S3 keys…) are escaped
+
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if logfile is not None and not _stderr_is(logfile):
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
+        handlers.append(logging.FileHandler(logfile, encoding="utf-8", errors="backslashreplace"))
+    formatter = SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):  # never log requests (credentials)
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -303,10 +352,15 @@ def _stderr_is(path: Path) -> bool:
 
 
 def _cache_targets(p: MountPlan, home: Path) -> list[Path]:
-    """The cache target directories; a target given by option gets a subdirectory per file system."""
+    """The cache target directories; a target given by option gets a subdirectory per file system, created
+    in the existing target only (FileNotFoundError if the target has gone)."""
     if not p.opts.cache_dirs:
         return [records.private_dir(home / "cache")]
-    return [records.private_dir(Path(d) / p.fs_id) for d in p.opts.cache_dirs]
+    targets = [Path(d) / p.fs_id for d in p.opts.cache_dirs]
+    for target in targets:
+        target.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(target, 0o700)
+    return targets
 
 
 def _part_size(option_mib: int | None, chunk_size: int, old_layout: str | None) -> int:
@@ -333,7 +387,11 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
 
     conn = db.connect(home / "state.db")
     events = EventLog(home / "events.jsonl", p.fs_id)
-    targets = _cache_targets(p, home)
+    try:
+        targets = _cache_targets(p, home)
+    except OSError as exc:
+        log.error("cannot use the cache targets: %s", exc)
+        return MOUNT_FAILURE
     old_layout = db.get_setting(conn, "cache_layout")
     part_size = _part_size(p.opts.part_size_mib, chunk_size, old_layout)
     layout = json.dumps({"targets": [str(t) for t in targets], "part": part_size, "chunk": chunk_size})
@@ -351,10 +409,12 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         conn.execute("DELETE FROM cache_parts")
     db.set_setting(conn, "cache_layout", layout)
 
-    client = p.client(max_pool_connections=p.opts.max_connections)
+    client = p.client(max_pool_connections=p.opts.max_connections, io_timeout=p.opts.io_timeout)
     credentials = boto3.session.Session(profile_name=p.profile).get_credentials()
     fast = FastPath.create(client, p.bucket, credentials, p.opts.max_connections)
-    repo = Repository(client, p.bucket, p.opts.max_connections, p.opts.sse_kms_key_id, fast)
+    repo = Repository(
+        client, p.bucket, p.opts.max_connections, p.opts.sse_kms_key_id, fast, io_timeout=p.opts.io_timeout
+    )
     defaults = Defaults(p.opts.uid, p.opts.gid, p.opts.file_mode, p.opts.dir_mode)
     export_url = s3client.S3Url.parse(repo_conf.get("ExportPath") or repo_conf["ImportPath"])
     target = ExportTarget.of(p.import_prefix, export_url.prefix if export_url else p.import_prefix)
@@ -400,21 +460,19 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     except RuntimeError as exc:
         log.error("cannot mount %s: %s", p.mountpoint, exc)
         return MOUNT_FAILURE
+    (home / EXIT_FILE).unlink(missing_ok=True)
+    (home / "unexported.json").unlink(missing_ok=True)
     state_file = home / "mount.json"
     state_file.write_text(
         json.dumps({"pid": os.getpid(), "mountpoint": p.mountpoint, "export_timeout": p.opts.export_timeout})
     )
     log.info("mounted %s (s3://%s/%s) at %s", p.fs_id, p.bucket, p.import_prefix, p.mountpoint)
-    report = home / "unexported.json"
-    report.unlink(missing_ok=True)
     closed = [False]
     try:
-        main_args = (ns, cache, writeback, importer, notifier, ready_fd, p.opts.export_timeout, closed, control)
+        main_args = (ns, cache, writeback, importer, notifier, repo, ready_fd, p.opts.export_timeout, closed, control)
         left = trio.run(_main, *main_args)
-        if left:
-            report.write_text(json.dumps([{"path": path, "reason": why} for path, why in left], indent=1))
-            for path, why in left:
-                log.error("not exported (kept in the cache for the next mount): %s: %s", path, why)
+        for path, why in left:
+            log.error("not exported (kept in the cache for the next mount): %s: %s", path, why)
     except BaseException:
         log.exception("the file system failed")
         raise
@@ -428,6 +486,7 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         conn.close()
         events.close()
         log.info("unmounted %s", p.mountpoint)
+    write_exit_status(home, os.getpid(), left)
     return 0
 
 
@@ -450,12 +509,14 @@ async def _main(
     writeback: Writeback,
     importer: Importer,
     notifier: Notifier,
+    repo: Repository,
     ready_fd: int | None,
     export_timeout: float,
     closed: list[bool],
     control: Control,
 ) -> list[tuple[str, str]]:
-    """Serve until unmounted; then export what is dirty. Returns what could not be exported."""
+    """Serve until unmounted; then export what is dirty, for at most ``export_timeout`` seconds (requests still
+    running then get SHUTDOWN_GRACE more). Returns what could not be exported."""
     async with trio.open_nursery() as nursery:
         await nursery.start(ns.run)
         await nursery.start(cache.run)
@@ -485,6 +546,7 @@ async def _main(
         closed[0] = True
         log.info("unmounted; exporting %d dirty entries", writeback.queue_length())
         left = await writeback.flush(export_timeout)
+        repo.stop_at = trio.current_time() + SHUTDOWN_GRACE  # bounds the shielded aborts of multipart uploads
         nursery.cancel_scope.cancel()
     return left
 

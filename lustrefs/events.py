@@ -1,14 +1,73 @@
-"""The per-file-system JSON-lines event log (FSx's data repository event codes)."""
+"""The per-file-system JSON-lines event log (FSx's data repository event codes), and the formatter that keeps
+the daemon log's lines what they seem: S3 keys and paths cannot forge a line or drive the terminal reading it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+# C0 controls but tab, DEL, C1 controls, the Unicode line and paragraph separators and the bidirectional overrides.
+CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+CONTROLS_BUT_NEWLINE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m[0]
+    return NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\r``, ``\\n``, ``\\x1b``…); other text unchanged."""
+    return CONTROLS.sub(_escape_char, text)
+
+
+class SafeFormatter(logging.Formatter):
+    """A Formatter whose every line is one record's: control characters in the message are escaped, and in a
+    traceback only the newlines Python puts between its lines are kept (the exception's message is escaped)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        for exc in _chain(ei[1]):
+            for raw in (_text(exc), *(n for n in getattr(exc, "__notes__", None) or () if isinstance(n, str))):
+                if raw and CONTROLS.search(raw):  # Python's own lines have none: the escapes land in the message
+                    text = text.replace(raw, escape_controls(raw))
+        return CONTROLS_BUT_NEWLINE.sub(_escape_char, text)  # e.g. in a file name
+
+    def formatStack(self, stack_info: str) -> str:
+        return CONTROLS_BUT_NEWLINE.sub(_escape_char, stack_info)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, its causes and contexts, and the members of exception groups."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, which the traceback module shows after the exception's name."""
+    try:
+        return str(exc)
+    except Exception:
+        return ""
 
 
 class EventLog:

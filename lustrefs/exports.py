@@ -138,12 +138,26 @@ class ExportLedger:
     def pending_deletes(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns")]
 
+    def count_pending_deletes(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM pending_deletes").fetchone()[0]
+
     def any_pending_delete(self) -> bool:
         return self.conn.execute("SELECT 1 FROM pending_deletes LIMIT 1").fetchone() is not None
 
     def deleted(self, key: str) -> None:
         """The deletion of ``key`` is done (or void: the policy refuses it, or a live entry is there)."""
         self.conn.execute("DELETE FROM pending_deletes WHERE key = ?", (key,))
+
+    def own_keys_under(self, prefix: str) -> set[str]:
+        """Keys under ``prefix`` that are this mount's own objects on their way in or out (an intent or a pending
+        delete): an import must not take them for another writer's objects."""
+        hi = prefix + "\U0010ffff"
+        rows = self.conn.execute(
+            "SELECT key FROM pending_deletes WHERE key >= ? AND key < ?"
+            " UNION SELECT key FROM export_intents WHERE key >= ? AND key < ?",
+            (prefix, hi, prefix, hi),
+        )
+        return {r[0] for r in rows}
 
     def readers_of(self, key: str, etag: str | None = None) -> list[sqlite3.Row]:
         """Entries (live or unlinked and still open) whose clean data is the object ``key`` (at ``etag``) and

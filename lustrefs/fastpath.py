@@ -7,7 +7,8 @@ CPU is what limits small-file reads and metadata walks.
 
 Only the expected answer is handled here (206/200 with the expected length for a GET, 200 for a HEAD). Anything
 else (an error status, a redirect, a connection failure, a timeout) makes these methods return None, and the
-caller repeats the request through boto3, which retries, and raises the usual errors. Requests use path-style
+caller repeats the request through boto3, which retries, and raises the usual errors. A request here waits at most
+the client's read timeout, one share of the mount's ``io_timeout``. Requests use path-style
 addressing, as the boto3 client does (``lustrefs.s3client``), the same endpoint, region and credentials chain.
 """
 
@@ -49,7 +50,9 @@ class FastPath:
             num_pools=2,
             maxsize=max_connections,
             block=False,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            # One attempt here, connecting included, waits at most read_timeout: its share of the mount's
+            # io_timeout (lustrefs.s3client.make_client); boto3's attempts follow within the rest.
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout, total=read_timeout),
             retries=False,
         )
         self.answered = 0  # requests answered here

@@ -18,6 +18,7 @@ import trio
 
 from . import control_client
 from .cache import ObjectVersion, first_error
+from .repository import VersionChanged
 
 if TYPE_CHECKING:
     import sqlite3
@@ -168,7 +169,14 @@ class Hsm:
     async def _restore(self, obj: ObjectVersion) -> None:
         try:
             async with self._restores:
-                await self.cache.fetch_all(obj)
+                try:
+                    await self.cache.fetch_all(obj)
+                except BaseException as exc:
+                    gone = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+                    if not isinstance(gone, VersionChanged) or not await self.ns.reload_unread(obj.ino, obj.etag):
+                        raise
+                    row = self.ns.get(obj.ino)  # the object was replaced before it was read: restore the new one
+                    await self.cache.fetch_all(ObjectVersion(obj.ino, row["key"], row["etag"], row["src_limit"]))
         except Exception as exc:
             err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
             code = getattr(err, "code", "InternalError")

@@ -36,7 +36,7 @@ from .cache import Cache, first_error
 from .errors import FsxError
 from .events import EventLog
 from .namespace import ORPHAN, ROOT_INODE, Namespace
-from .repository import AccessDenied, NotFound, ObjectInfo, Repository, Unavailable
+from .repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Importer:
         self,
         ns: Namespace,
         cache: Cache,
-        repo: Repository,
+        repo: ObjectStore,
         events: EventLog,
         notifier: Notifier,
         policy: Callable[[], str],
@@ -244,6 +244,9 @@ class Importer:
         }
         whiteouts = {r[0] for r in conn.execute("SELECT name FROM whiteouts WHERE parent = ?", (parent,))}
         files = {n: o for n, o in files.items() if n not in dirs}  # a directory wins over a file
+        ours = self.ns.exports.own_keys_under(dir_key)  # objects this mount is writing or deleting: not imports
+        dirs = {n for n in dirs if dir_key + n + "/" not in ours}
+        files = {n: o for n, o in files.items() if o.key not in ours}
         with db.transaction(conn):
             for name in whiteouts - dirs - files.keys():  # gone from S3 too: forget the whiteout
                 conn.execute("DELETE FROM whiteouts WHERE parent = ? AND name = ?", (parent, name))

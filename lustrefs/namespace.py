@@ -28,7 +28,7 @@ from . import db, metadata, paths
 from .cache import first_error
 from .events import EventLog
 from .exports import DATA, META, ORPHAN, ExportLedger
-from .repository import AccessDenied, NotFound, ObjectInfo, Page, Repository, RepositoryError
+from .repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, Page, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Namespace:
     def __init__(
         self,
         conn: sqlite3.Connection,
-        repo: Repository,
+        repo: ObjectStore,
         events: EventLog,
         import_prefix: str,
         defaults: Defaults,

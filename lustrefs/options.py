@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 GIB = 1024**3
@@ -40,6 +41,7 @@ class MountOptions:
     poll_interval: float = 60.0  # seconds between two polls of S3 for the AutoImportPolicy
     export_delay: float = 3.0  # seconds a written file must be closed and idle before it is exported
     export_timeout: float = 60.0  # seconds an unmount waits for dirty data to be exported
+    io_timeout: float = 30.0  # seconds one S3 request may take, retries included, before it fails with EIO
     sse_kms_key_id: str | None = None  # export with SSE-KMS and this key (default: the bucket's encryption)
 
 
@@ -58,6 +60,8 @@ def _float(name: str, value: str) -> float:
         f = float(value)
     except ValueError:
         raise OptionError(f"mount option {name}={value!r}: not a number") from None
+    if not math.isfinite(f):
+        raise OptionError(f"mount option {name}={value!r}: must be finite")
     if f <= 0:
         raise OptionError(f"mount option {name}={value!r}: must be positive")
     return f
@@ -103,7 +107,7 @@ def parse_options(text: str | None) -> MountOptions:
             opts.log_level = value.lower()
         elif name == "posix_metadata":
             opts.posix_metadata = _bool(name, value)
-        elif name in ("attr_timeout", "negative_timeout", "export_timeout", "poll_interval"):
+        elif name in ("attr_timeout", "negative_timeout", "export_timeout", "io_timeout", "poll_interval"):
             setattr(opts, name, _float(name, value))
         elif name == "export_delay":
             opts.export_delay = _float(name, value) if value not in ("0", "0.0") else 0.0

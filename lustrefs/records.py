@@ -14,14 +14,46 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any
 
 from .errors import FsxError
 
+# The ids that name files and directories (anchored at the end: ``match`` works as ``fullmatch``).
+FILE_SYSTEM_ID = re.compile(r"fs-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")  # FSx's ids; new ones have 17 digits
+TASK_ID = re.compile(r"task-[0-9a-f]{17}\Z")
+
+
+def check_file_system_id(fs_id: object, operation: str = "DescribeFileSystems") -> str:
+    """``fs_id`` if it is a well-formed file system id; else BadRequest (so it can never name another path)."""
+    if not isinstance(fs_id, str) or not FILE_SYSTEM_ID.fullmatch(fs_id):
+        raise FsxError(
+            "BadRequest",
+            f"Invalid FileSystemId {fs_id!r}: a file system id is fs- followed by 8 or 17 lowercase hex digits.",
+            operation,
+        )
+    return fs_id
+
+
+def check_task_id(task_id: object, operation: str = "DescribeDataRepositoryTasks") -> str:
+    """``task_id`` if it is a well-formed data repository task id; else BadRequest."""
+    if not isinstance(task_id, str) or not TASK_ID.fullmatch(task_id):
+        raise FsxError(
+            "BadRequest",
+            f"Invalid TaskId {task_id!r}: a task id is task- followed by 17 lowercase hex digits.",
+            operation,
+        )
+    return task_id
+
 
 def home_dir() -> Path:
-    """The state directory: ``$LUSTREFS_HOME``, else /var/lib/lustrefs for root, else the XDG state dir."""
+    """The state directory: ``$LUSTREFS_HOME``, else /var/lib/lustrefs for root, else the XDG state dir.
+
+    It is created (mode 0700) if it does not exist; an existing directory is used as it is (it may be shared,
+    such as /tmp): what lustrefs keeps in it is in private subdirectories.
+    """
     env = os.environ.get("LUSTREFS_HOME")
     if env:
         path = Path(env)
@@ -34,18 +66,35 @@ def home_dir() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed and make it 0700; returns it."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """Create ``path`` with mode 0700 if it does not exist (parents as ``mkdir -p`` would); returns it.
+
+    A directory that exists already is left as it is: lustrefs never changes the mode of a directory it did
+    not create.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return path
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return private_dir(path)
+    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:  # the umask took some of the owner's bits
+        os.chmod(path, 0o700)
     return path
 
 
+def fs_path(fs_id: str, operation: str = "DescribeFileSystems") -> Path:
+    """The local directory of one file system, not created (the id is checked: BadRequest)."""
+    return home_dir() / check_file_system_id(fs_id, operation)
+
+
 def fs_dir(fs_id: str) -> Path:
-    """The local directory of one file system (state database, event log, default cache)."""
-    return private_dir(home_dir() / fs_id)
+    """The local directory of one file system (state database, event log, default cache), created if needed."""
+    return private_dir(fs_path(fs_id))
 
 
-def _record_path(fs_id: str) -> Path:
+def _record_path(fs_id: str, operation: str = "DescribeFileSystems") -> Path:
+    check_file_system_id(fs_id, operation)
     return private_dir(home_dir() / "filesystems") / f"{fs_id}.json"
 
 
@@ -61,27 +110,33 @@ def save_record(record: dict[str, Any]) -> None:
 
 
 def load_record(fs_id: str, operation: str = "DescribeFileSystems") -> dict[str, Any]:
-    """The stored record of ``fs_id``; raises FileSystemNotFound if there is none."""
+    """The stored record of ``fs_id``; BadRequest if the id is malformed, FileSystemNotFound if there is none."""
+    path = _record_path(fs_id, operation)
     try:
-        with open(_record_path(fs_id)) as f:
-            return json.load(f)
+        with open(path) as f:
+            record = json.load(f)
     except (FileNotFoundError, ValueError):
-        raise FsxError("FileSystemNotFound", f"File system '{fs_id}' does not exist.", operation) from None
+        record = None
+    if not isinstance(record, dict) or record.get("FileSystemId") != fs_id:
+        raise FsxError("FileSystemNotFound", f"File system '{fs_id}' does not exist.", operation)
+    return record
 
 
 def list_records() -> list[dict[str, Any]]:
-    """All stored records, oldest first."""
+    """All stored records, oldest first (a file that is not the record its name says is skipped)."""
     records = []
     for p in (home_dir() / "filesystems").glob("fs-*.json"):
         try:
-            records.append(json.loads(p.read_text()))
-        except ValueError:
+            record = json.loads(p.read_text())
+        except (OSError, ValueError):
             continue
+        if FILE_SYSTEM_ID.fullmatch(p.stem) and isinstance(record, dict) and record.get("FileSystemId") == p.stem:
+            records.append(record)
     return sorted(records, key=lambda r: (r.get("CreationTime", 0), r["FileSystemId"]))
 
 
 def delete_record(fs_id: str) -> None:
-    _record_path(fs_id).unlink(missing_ok=True)
+    _record_path(fs_id, "DeleteFileSystem").unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -95,7 +150,7 @@ def process_alive(pid: int) -> bool:
 
 def mount_state(fs_id: str) -> dict[str, Any] | None:
     """``{"pid", "mountpoint"}`` of the live daemon serving ``fs_id``, or None (stale files are ignored)."""
-    path = home_dir() / fs_id / "mount.json"
+    path = fs_path(fs_id) / "mount.json"
     try:
         state = json.loads(path.read_text())
         pid = int(state["pid"])

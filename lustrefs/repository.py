@@ -11,7 +11,7 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import botocore.exceptions
 import trio
@@ -21,6 +21,7 @@ from .s3client import parse_timestamp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_DELETE_BATCH = 1000  # keys one DeleteObjects request may name
 
 
 class RepositoryError(Exception):
@@ -73,6 +74,33 @@ class Page:
     next_token: str | None
 
 
+class ObjectStore(Protocol):
+    """What the core needs of a data repository: :class:`Repository` (S3 through boto3) implements it, and the
+    tests' in-memory repository (tests/memrepo.py) does too. Failures are ``RepositoryError`` subclasses."""
+
+    bucket: str
+    requests: dict[str, int]  # requests sent, by kind (the mount's stats)
+    fast: FastPath | None  # the GET/HEAD fast path, if any (its counters are in the stats)
+
+    async def list_page(self, prefix: str, token: str | None, max_keys: int = 1000) -> Page: ...
+    async def any_key(self, prefix: str) -> bool: ...
+    async def head(self, key: str) -> ObjectInfo: ...
+    async def get_range(self, key: str, etag: str, start: int, end: int) -> bytes: ...
+    async def get_object(self, key: str, etag: str) -> bytes: ...
+    async def put(self, key: str, body: bytes, metadata: dict[str, str]) -> str: ...
+    async def copy(self, src_key: str, src_etag: str, key: str, metadata: dict[str, str]) -> str: ...
+    async def delete_many(self, keys: list[str]) -> dict[str, str]: ...
+    async def abort_uploads(self, key: str) -> int: ...
+    async def multipart_upload(
+        self,
+        key: str,
+        size: int,
+        part_size: int,
+        read: Callable[[int, int], Awaitable[bytes]],
+        metadata: dict[str, str],
+    ) -> str: ...
+
+
 def _translate(exc: Exception, what: str) -> RepositoryError:
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
@@ -109,6 +137,8 @@ class Repository:
         max_connections: int,
         kms_key_id: str | None = None,
         fast: FastPath | None = None,
+        io_timeout: float = 30.0,
+        copy_timeout: float = 300.0,
     ) -> None:
         self.client = client
         self.fast = fast  # GETs and HEADs go this way first (lustrefs.fastpath)
@@ -117,8 +147,17 @@ class Repository:
         self.limiter = trio.CapacityLimiter(max_connections)
         self.upload_slots = trio.Semaphore(max(max_connections // 2, 1))  # multipart parts in flight
         self.requests = {"LIST": 0, "HEAD": 0, "GET": 0, "PUT": 0, "COPY": 0, "DELETE": 0}
+        # Seconds one request may take, waiting for a connection and retries included; a server-side copy (up
+        # to 5 GiB) gets longer. The client's socket timeouts fit its attempts in io_timeout (s3client).
+        self.timeouts = dict.fromkeys(self.requests, io_timeout) | {"COPY": max(io_timeout, copy_timeout)}
+        self.stop_at = float("inf")  # trio clock: requests still running then fail at once (set at unmount)
 
     async def _call(self, what: str, kind: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a worker thread under the limiter; Unavailable (EIO) past the request's bound.
+
+        A thread still blocked on its socket then is abandoned: it keeps its connection (and limiter token)
+        until its socket timeouts end it, while the trio thread goes on.
+        """
         self.requests[kind] += 1
 
         def run() -> T:
@@ -127,7 +166,12 @@ class Repository:
             except Exception as exc:
                 raise _translate(exc, what) from exc
 
-        return await trio.to_thread.run_sync(run, limiter=self.limiter)
+        timeout = self.timeouts[kind]
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(min(deadline, self.stop_at)):
+            return await trio.to_thread.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
+        why = f"no answer within {timeout:g} s" if deadline <= self.stop_at else "given up at unmount"
+        raise Unavailable(f"{what}: {why}")
 
     async def list_page(self, prefix: str, token: str | None, max_keys: int = 1000) -> Page:
         """One page of ``ListObjectsV2(Prefix=prefix, Delimiter='/')``."""
@@ -232,12 +276,36 @@ class Repository:
         )
         return _etag(resp["CopyObjectResult"]["ETag"])
 
-    async def delete(self, key: str) -> None:
-        await self._call(
-            f"DELETE s3://{self.bucket}/{key}",
+    async def delete_many(self, keys: list[str]) -> dict[str, str]:
+        """``DeleteObjects`` of up to ``MAX_DELETE_BATCH`` keys in one request; returns {key: error} of those
+        S3 could not delete (a key that does not exist counts as deleted)."""
+        assert len(keys) <= MAX_DELETE_BATCH
+        resp = await self._call(
+            f"DELETE s3://{self.bucket}/{keys[0]} (+{len(keys) - 1})",
             "DELETE",
-            lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
+            lambda: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            ),
         )
+        return {e["Key"]: f"{e.get('Code', '')} {e.get('Message', '')}".strip() for e in resp.get("Errors", [])}
+
+    async def abort_uploads(self, key: str) -> int:
+        """Abort every multipart upload in progress to ``key`` (left by a crash); returns how many."""
+        resp = await self._call(
+            f"LIST uploads s3://{self.bucket}/{key}",
+            "LIST",
+            lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key),
+        )
+        ids = [u["UploadId"] for u in resp.get("Uploads", []) if u["Key"] == key]
+        for upload_id in ids:
+            await self._call(
+                f"abort upload s3://{self.bucket}/{key}",
+                "DELETE",
+                lambda upload_id=upload_id: self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                ),
+            )
+        return len(ids)
 
     async def multipart_upload(
         self,

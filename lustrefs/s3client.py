@@ -1,4 +1,5 @@
-"""Creation of the boto3 S3 client: the standard credential chain, ``AWS_ENDPOINT_URL`` honoured."""
+"""Creation of the boto3 S3 client: the standard credential chain, ``AWS_ENDPOINT_URL`` honoured, timeouts
+that fit a request and its retries in the mount's ``io_timeout``."""
 
 from __future__ import annotations
 
@@ -54,8 +55,17 @@ def make_client(
     connect_timeout: float = 5,
     read_timeout: float = 30,
     max_attempts: int = 3,
+    io_timeout: float | None = None,
 ):
-    """An S3 client. ``endpoint_url`` falls back to ``AWS_ENDPOINT_URL`` (boto3 reads it itself)."""
+    """An S3 client. ``endpoint_url`` falls back to ``AWS_ENDPOINT_URL`` (boto3 reads it itself).
+
+    ``io_timeout`` bounds one whole request against an endpoint that never answers: the read timeout becomes
+    ``io_timeout / (max_attempts + 1)`` (a share for each of boto3's attempts and one for the fast path, which
+    takes the client's timeouts) and the connect timeout at most that.
+    """
+    if io_timeout is not None:
+        read_timeout = io_timeout / (max_attempts + 1)
+        connect_timeout = min(connect_timeout, read_timeout)
     core = botocore.session.get_session()
     core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
     session = boto3.session.Session(profile_name=profile, botocore_session=core)

@@ -58,8 +58,8 @@ LIFECYCLES = ("PENDING", "EXECUTING", "FAILED", "SUCCEEDED", "CANCELED", "CANCEL
 REPORT_FORMAT = "REPORT_CSV_20191124"
 REPORT_SCOPE = "FAILED_FILES_ONLY"
 FILTER_NAMES = ("file-system-id", "task-lifecycle", "data-repository-association-id", "file-cache-id")
-TASK_ID = re.compile(r"^task-[0-9a-f]{17,}$")
-FS_ID = re.compile(r"^fs-[0-9a-f]{8,}$")
+TASK_ID = records.TASK_ID
+FS_ID = records.FILE_SYSTEM_ID
 MAX_PATHS = 100
 MAX_PATH_CHARS = 4096
 MAX_TASK_IDS = 50
@@ -86,6 +86,7 @@ def tasks_dir(fs_id: str) -> Path:
 def save_task(task: dict[str, Any]) -> None:
     """Write a task record atomically (temporary file, fsync, rename)."""
     folder = tasks_dir(task["FileSystemId"])
+    records.check_task_id(task["TaskId"])
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         json.dump(task, f, indent=1, sort_keys=True)
@@ -95,8 +96,10 @@ def save_task(task: dict[str, Any]) -> None:
 
 
 def load_task(fs_id: str, task_id: str) -> dict[str, Any] | None:
+    """The task ``task_id`` of ``fs_id``, or None; BadRequest if an id is malformed."""
+    path = tasks_dir(fs_id) / f"{records.check_task_id(task_id)}.json"
     try:
-        return json.loads((tasks_dir(fs_id) / f"{task_id}.json").read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
 
@@ -174,9 +177,7 @@ def new_task(request: dict[str, Any]) -> dict[str, Any]:
         raise _bad("AUTO_RELEASE_DATA tasks are only available on Amazon File Cache.")
     if kind not in TYPES:
         raise _bad(f"Invalid Type {kind!r}; valid values: {', '.join(TYPES)}.")
-    fs_id = request.get("FileSystemId")
-    if not isinstance(fs_id, str) or not FS_ID.match(fs_id) or not 11 <= len(fs_id) <= 21:
-        raise _bad(f"Invalid FileSystemId {fs_id!r}.")
+    fs_id = records.check_file_system_id(request.get("FileSystemId"), CREATE)
     record = records.load_record(fs_id, CREATE)
     repo_conf = record.get("LustreConfiguration", {}).get("DataRepositoryConfiguration")
     if not repo_conf:
@@ -284,6 +285,10 @@ def describe_data_repository_tasks(
 ) -> dict[str, Any]:
     """DescribeDataRepositoryTasks: ``{"DataRepositoryTasks": [...]}``, oldest first."""
     wanted = _parse_filters(filters or [])
+    for fs_id in sorted(wanted.get("file-system-id", set())):
+        records.check_file_system_id(fs_id, DESCRIBE)
+    for task_id in task_ids or []:
+        records.check_task_id(task_id, DESCRIBE)
     known = [r["FileSystemId"] for r in records.list_records()]
     for fs_id in sorted(wanted.get("file-system-id", set()) - set(known)):
         raise FsxError("FileSystemNotFound", f"File system '{fs_id}' does not exist.", DESCRIBE)
@@ -320,12 +325,13 @@ def _parse_filters(filters: list[dict[str, Any]]) -> dict[str, set[str]]:
 
 
 def find_task(task_id: str, operation: str) -> dict[str, Any]:
-    """The task ``task_id`` of any file system; DataRepositoryTaskNotFound if there is none."""
-    if isinstance(task_id, str) and TASK_ID.match(task_id):
-        for rec in records.list_records():
-            task = load_task(rec["FileSystemId"], task_id)
-            if task is not None:
-                return task
+    """The task ``task_id`` of any file system; BadRequest if the id is malformed, DataRepositoryTaskNotFound if
+    there is no such task."""
+    records.check_task_id(task_id, operation)
+    for rec in records.list_records():
+        task = load_task(rec["FileSystemId"], task_id)
+        if task is not None:
+            return task
     raise FsxError("DataRepositoryTaskNotFound", f"Data repository task {task_id} was not found.", operation)
 
 
@@ -611,7 +617,7 @@ class TaskRunner:
         async def export(ino: int) -> None:
             try:
                 path = self._path(ino)
-                failure = await hsm.export_now(self.ns, self.writeback, ino)
+                failure = await self.writeback.export_now(ino)
                 if failure is None:
                     progress.succeeded()
                 else:

@@ -31,7 +31,7 @@ from .events import EventLog
 from .exports import DATA, ORPHAN
 from .metadata import to_user_metadata
 from .namespace import ROOT_INODE, Namespace, NoEntry
-from .repository import AccessDenied, NotFound, Repository, RepositoryError
+from .repository import MAX_DELETE_BATCH, AccessDenied, NotFound, ObjectStore, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Writeback:
         self,
         ns: Namespace,
         cache: Cache,
-        repo: Repository,
+        repo: ObjectStore,
         events: EventLog,
         target: ExportTarget,
         policy: Callable[[], frozenset[str]] = lambda: frozenset(EVENTS),
@@ -382,7 +382,11 @@ class Writeback:
     async def _protect(self, key: str, exporter: int | None) -> bool:
         """Before the object at ``key`` is overwritten or deleted: copy the data of every other entry that still
         reads from it into its local parts (it becomes dirty ``DATA``). Returns whether any was copied."""
-        readers = [r for r in self.ledger.readers_of(key) if r["ino"] != exporter]
+        readers = [
+            r
+            for r in self.ledger.readers_of(key)
+            if r["ino"] != exporter and (r["parent"] != ORPHAN or r["ino"] in self.ns.open_counts)
+        ]  # an unlinked file nobody has open is never read again
         for r in readers:
             version = ObjectVersion(r["ino"], r["key"], r["etag"], r["src_limit"])
             await self.cache.materialize(FileData(r["ino"], r["size"], version, False))
@@ -469,29 +473,46 @@ class Writeback:
             self.s.stale.discard(key)
 
     async def _delete_pending(self) -> None:
-        """Delete the objects of removed entries, unless a live entry has been exported to the same key."""
+        """Delete the objects of removed entries, unless a live entry has been exported to the same key; up to
+        MAX_DELETE_BATCH keys per request."""
         if self._delete_backoff and time.monotonic() < self._delete_backoff:
             return
         pending = self.ledger.pending_deletes()
         allowed = bool(pending) and "DELETED" in self.policy()  # the record is read once, not once per key
+        todo = []
         for key in pending:
             if key in self.s.busy or key in self.s.stale:
                 continue  # a request writes it: the outcome decides
             if not allowed or self.ledger.live(key):
                 with db.transaction(self.ns.conn):
                     self.ledger.deleted(key)
-                continue
-            done = self.s.busy[key] = trio.Event()
-            try:
-                await self._protect(key, None)
-                await self.repo.delete(key)
-            except (RepositoryError, OSError) as exc:
-                self.events.emit("ERROR", "S3ExportDeleteFailed", f"Deleting {key} failed: {exc}", key=key)
+            else:
+                todo.append(key)
+        for start in range(0, len(todo), MAX_DELETE_BATCH):
+            if not await self._delete_batch(todo[start : start + MAX_DELETE_BATCH]):
                 self._delete_backoff = time.monotonic() + DELETE_BACKOFF
                 return
-            finally:
-                del self.s.busy[key]
-                done.set()
-            with db.transaction(self.ns.conn):
-                self.ledger.deleted(key)
         self._delete_backoff = 0.0
+
+    async def _delete_batch(self, keys: list[str]) -> bool:
+        """Delete ``keys`` (free, not live); returns whether all of them are gone."""
+        done = trio.Event()
+        for key in keys:
+            self.s.busy[key] = done
+        try:
+            for key in keys:
+                await self._protect(key, None)
+            failed = await self.repo.delete_many(keys)
+        except (RepositoryError, OSError) as exc:
+            failed = dict.fromkeys(keys, str(exc))
+        finally:
+            for key in keys:
+                del self.s.busy[key]
+            done.set()
+        with db.transaction(self.ns.conn):
+            for key in keys:
+                if key not in failed:
+                    self.ledger.deleted(key)
+        for key, why in list(failed.items())[:10]:  # the first few: a whole batch fails for one reason
+            self.events.emit("ERROR", "S3ExportDeleteFailed", f"Deleting {key} failed: {why}", key=key)
+        return not failed

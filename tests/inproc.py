@@ -22,6 +22,7 @@ from lustrefs.cache import Cache
 from lustrefs.control_channel import Control
 from lustrefs.events import EventLog
 from lustrefs.fs import Operations
+from lustrefs.importer import Importer, Notifier
 from lustrefs.namespace import ROOT_INODE, Defaults, Namespace
 from lustrefs.prefetch import Prefetcher
 from lustrefs.writeback import ExportTarget, Writeback
@@ -64,7 +65,9 @@ class Daemon:
         part_size: int = MIB,
         capacity: int = 256 * MIB,
         policy: frozenset[str] = frozenset({"NEW", "CHANGED", "DELETED"}),
+        import_policy: str = "NONE",
     ) -> None:
+        self.home = home
         home.mkdir(parents=True, exist_ok=True)
         (home / "cache").mkdir(exist_ok=True)
         self.repo = MemoryRepository(store)
@@ -74,16 +77,19 @@ class Daemon:
         target = ExportTarget.of(import_prefix, import_prefix if export_prefix is None else export_prefix)
         self.ns = Namespace(
             self.conn, self.repo, self.events, import_prefix, Defaults(), export_is_import=target.base == ""
-        )  # type: ignore[arg-type]
-        self.cache = Cache(self.conn, self.repo, [home / "cache"], capacity, 4 * part_size, part_size)  # type: ignore[arg-type]
+        )
+        self.cache = Cache(self.conn, self.repo, [home / "cache"], capacity, 4 * part_size, part_size)
         self.cache.load()
         self.writeback = Writeback(
             self.ns, self.cache, self.repo, self.events, target, lambda: self.policy, delay, upload_part=MIB
-        )  # type: ignore[arg-type]
+        )
         self.ns.on_purge = self.cache.drop_inode
         self.ns.on_change = self.writeback.schedule
         self.ns.purge_orphans()
-        control = Control(self.ns, self.cache, self.writeback)
+        self.importer = Importer(
+            self.ns, self.cache, self.repo, self.events, Notifier(self.ns), lambda: import_policy, home / "import.json"
+        )  # polled by the test (``importer.poll()``), not on a timer
+        control = Control(self.ns, self.cache, self.writeback, importer=self.importer)
         prefetcher = Prefetcher(self.cache, 0, small_file=0, files_ahead=0)
         self.ops = Operations(self.ns, self.cache, prefetcher, self.writeback, control, 1.0, 1.0)
         self._scope = trio.CancelScope()
@@ -212,7 +218,7 @@ class Daemon:
         ino = await self.resolve(path)
         attr = pyfuse3.EntryAttributes()
         attr.st_mode = mode
-        await self.ops.setattr(ino, attr, Fields(update_mode=True), None, Ctx())  # type: ignore[arg-type]
+        await self.ops.setattr(ino, attr, Fields(update_mode=True), None, Ctx())
 
     async def settled(self, timeout: float = 10.0) -> None:
         """Wait until nothing is left to export: no dirty live entry, no intent, no pending delete (bounded)."""

@@ -225,10 +225,18 @@ class MemoryRepository:
         await self._answer("COPY", key)
         return etag
 
-    async def delete(self, key: str) -> None:
-        await self._request("DELETE", key)
-        self.objects.pop(key, None)
-        await self._answer("DELETE", key)
+    async def delete_many(self, keys: list[str]) -> dict[str, str]:
+        """DeleteObjects: one request, each key through the gates and faults (a failed key is reported)."""
+        failed: dict[str, str] = {}
+        for key in keys:
+            try:
+                await self._request("DELETE", key)
+            except RepositoryError as exc:
+                failed[key] = str(exc)
+                continue
+            self.objects.pop(key, None)
+            await self._answer("DELETE", key)
+        return failed
 
     async def multipart_upload(
         self,

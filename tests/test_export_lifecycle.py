@@ -240,7 +240,7 @@ def test_an_unlinked_file_still_open_reads_its_data(tmp_path: Path) -> None:
     async def test(nursery: trio.Nursery) -> None:
         d = Daemon(tmp_path, store, delay=3600)
         await d.start(nursery)
-        info, attrs = await d.ops.create(ROOT_INODE, b"tmp", 0o600, os.O_RDWR, Ctx())
+        info, _ = await d.ops.create(ROOT_INODE, b"tmp", 0o600, os.O_RDWR, Ctx())
         await d.ops.write(info.fh, 0, b"Hello")
         await d.unlink("tmp")
         assert bytes(await d.ops.read(info.fh, 0, 5)) == b"Hello"
@@ -374,6 +374,36 @@ def test_an_object_replaced_before_its_first_read_is_loaded_anew(tmp_path: Path)
             await d.ops.read(fh, 0, 100)
         assert fuse_errno(exc) == errno.ESTALE
         await d.ops.release(fh)
+        await d.stop()
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+def test_an_import_does_not_bring_back_an_object_the_export_is_deleting(tmp_path: Path) -> None:
+    """NEW_CHANGED_DELETED with export prefix = import prefix: a poll while an unlinked file's upload is still
+    answering must not take that object for another writer's, or it would stay in S3 for good."""
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, import_policy="NEW_CHANGED_DELETED")
+        await d.start(nursery)
+        importer = d.importer
+        put = store.gate("PUT", "f", after=True)  # the object is in the bucket, its answer is on its way
+        await d.write_file("f", b"gone soon")
+        await put.wait_arrived()
+        await d.unlink("f")
+        await importer.poll()
+        with pytest.raises(FileNotFoundError):
+            await d.resolve("f")
+        put.open()
+        await d.settled()
+        await importer.poll()
+        assert store.objects == {}
+        with pytest.raises(FileNotFoundError):
+            await d.resolve("f")
         await d.stop()
 
     run(test)

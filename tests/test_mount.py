@@ -148,6 +148,8 @@ def test_multi_chunk_file_on_striped_targets(s3: Any, bucket: str, mounter: Any,
     data = blob(5 * MIB + 12345, seed=1)
     s3.put_object(Bucket=bucket, Key="f.bin", Body=data)
     targets = [tmp_path / f"target{i}" for i in range(3)]
+    for target in targets:
+        target.mkdir()  # a cache target must exist (an unmounted disk must not fill the root file system)
     m = mounter(f"s3://{bucket}", chunk_mib=1, options="cache_dir=" + ":".join(map(str, targets)))
     # A random read fetches only the part it touches: no read-ahead before a reader proves sequential.
     fd = os.open(m.path / "f.bin", os.O_RDONLY)
@@ -183,6 +185,7 @@ def test_cache_on_tmpfs(moto: MotoEndpoint, s3: Any, bucket: str, home: Path, tm
     data = blob(3 * MIB + 5, seed=6)
     s3.put_object(Bucket=bucket, Key="t.bin", Body=data)
     target = Path("/dev/shm") / f"lustrefs-test-{os.getpid()}-{tmp_path.name}"
+    target.mkdir()
     fs_id = create_fs(moto, f"s3://{bucket}")
     try:
         for round_ in range(2):

@@ -258,7 +258,7 @@ def test_stats_table_and_json(s3: Any, bucket: str, mounter: Any, tmp_path: Path
     assert rc == 0, err
     snapshot = json.loads(out)
     assert snapshot["file_system_id"] == m.fs_id
-    assert snapshot["dirty"] == {"entries": 1, "bytes": 5}
+    assert snapshot["dirty"] == {"entries": 1, "bytes": 5, "deletions": 0}
     assert snapshot["cache"]["bytes_fetched"] == 3000 and snapshot["requests"]["GET"] >= 1
     assert snapshot["tasks"] == {"executing": None, "pending": 0}
 
@@ -270,6 +270,7 @@ def test_stats_table_and_json(s3: Any, bucket: str, mounter: Any, tmp_path: Path
     assert table["Cache"] == "2.9 KiB used of 1.2 TiB"
     assert table["Hits / misses"] == "0 / 1 parts (0.0% hits)"
     assert table["Not exported"] == "1 entry, 5 B of data"
+    assert table["Not deleted in S3"] == "0 objects"
     assert table["Export queue"] == "1"
     assert f"GET {snapshot['requests']['GET']}" in table["Requests"]
     assert table["Tasks"] == "none executing, 0 pending"
