@@ -26,26 +26,22 @@ FILE_SYSTEM_ID = re.compile(r"fs-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")  # FSx's ids; 
 TASK_ID = re.compile(r"task-[0-9a-f]{17}\Z")
 
 
+def _checked(value: object, pattern: re.Pattern[str], name: str, shape: str, operation: str) -> str:
+    """``value`` if it matches ``pattern``; else BadRequest (so an id can never name another path)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise FsxError("BadRequest", f"Invalid {name} {value!r}: {shape}.", operation)
+    return value
+
+
 def check_file_system_id(fs_id: object, operation: str = "DescribeFileSystems") -> str:
-    """``fs_id`` if it is a well-formed file system id; else BadRequest (so it can never name another path)."""
-    if not isinstance(fs_id, str) or not FILE_SYSTEM_ID.fullmatch(fs_id):
-        raise FsxError(
-            "BadRequest",
-            f"Invalid FileSystemId {fs_id!r}: a file system id is fs- followed by 8 or 17 lowercase hex digits.",
-            operation,
-        )
-    return fs_id
+    """``fs_id`` if it is a well-formed file system id; else BadRequest."""
+    shape = "a file system id is fs- followed by 8 or 17 lowercase hex digits"
+    return _checked(fs_id, FILE_SYSTEM_ID, "FileSystemId", shape, operation)
 
 
 def check_task_id(task_id: object, operation: str = "DescribeDataRepositoryTasks") -> str:
     """``task_id`` if it is a well-formed data repository task id; else BadRequest."""
-    if not isinstance(task_id, str) or not TASK_ID.fullmatch(task_id):
-        raise FsxError(
-            "BadRequest",
-            f"Invalid TaskId {task_id!r}: a task id is task- followed by 17 lowercase hex digits.",
-            operation,
-        )
-    return task_id
+    return _checked(task_id, TASK_ID, "TaskId", "a task id is task- followed by 17 lowercase hex digits", operation)
 
 
 def home_dir() -> Path:
