@@ -181,6 +181,29 @@ def test_crash_while_the_old_key_of_a_rename_is_deleted(tmp_path: Path) -> None:
     run(test)
 
 
+def test_a_rename_stranded_by_an_earlier_release_finds_its_data_at_the_new_key(tmp_path: Path) -> None:
+    """State left by releases that deleted the old key before recording the copy: the copy source is gone, the
+    object is at the new key. The export takes it (an event) instead of retrying a COPY forever."""
+    store = Bucket()
+    data = os.urandom(100_000)
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.write_file("f", data)
+        await d.settled()
+        d.cache.release(await d.resolve("f"))
+        store.objects["g"] = store.objects.pop("f")  # COPY f -> g and DELETE f happened, unrecorded
+        await d.rename("f", "g")
+        await d.settled()
+        assert set(store.objects) == {"g"} and store.objects["g"].body == data
+        assert await d.read_file("g") == data
+        assert "S3ExportSourceRelocated" in (tmp_path / "events.jsonl").read_text()
+        await d.stop()
+
+    run(test)
+
+
 def test_crash_during_a_multipart_export_aborts_the_upload_at_the_next_start(tmp_path: Path) -> None:
     store = Bucket()
     data = os.urandom(3 * MIB + 5)
