@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from lustrefs import locals3
-from lustrefs.locals3 import HOST, LocalS3, free_port
+from lustrefs.demo import locals3
+from lustrefs.demo.locals3 import HOST, LocalS3, free_port
 from lustrefs.s3client import make_client
 
 from .host import CaseError, is_loopback_url, stop_pid, tool_version
@@ -81,7 +81,7 @@ def apply_env(endpoint: Endpoint) -> None:
 
 @contextlib.contextmanager
 def moto(log_path: Path) -> Iterator[Endpoint]:
-    """moto's server (lustrefs.locals3.LocalS3) on a free port; stopped on exit."""
+    """moto's server (lustrefs.demo.locals3.LocalS3) on a free port; stopped on exit."""
     server = LocalS3(log_path=log_path, startup_timeout=STARTUP_TIMEOUT)
     server.start()
     try:

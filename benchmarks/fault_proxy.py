@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from lustrefs.locals3 import HOST
+from lustrefs.demo.locals3 import HOST
 
 from .host import is_loopback_url
 

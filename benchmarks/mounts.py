@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lustrefs import control_client
+from lustrefs.client import control_client
 
 from .dataset import DataSet
 from .endpoints import Endpoint
@@ -108,6 +108,9 @@ class Lustrefs(FileSystem):
         source = work / SOURCE_DIR
         if source.is_dir():  # an exported revision: imported ahead of the editable install
             self.env["PYTHONPATH"] = str(source)
+        # Revisions before the client subpackage (--lustrefs-rev) have their CLI in lustrefs.cli.
+        old = source.is_dir() and not (source / "lustrefs" / "client" / "cli.py").exists()
+        self.cli_module = "lustrefs.cli" if old else "lustrefs.client.cli"
 
     def unavailable(self, allow_install: bool) -> str | None:
         if not os.path.exists("/dev/fuse"):
@@ -118,7 +121,7 @@ class Lustrefs(FileSystem):
         return "lustrefs mount FS_ID MNT" + (f" -o {self.options}" if self.options else "")
 
     def _cli(self, *args: str, timeout: float = MOUNT_TIMEOUT) -> str:
-        argv = [sys.executable, "-m", "lustrefs.cli", *args]
+        argv = [sys.executable, "-m", self.cli_module, *args]
         try:
             res = subprocess.run(argv, env=self.env, cwd=self.work, capture_output=True, text=True, timeout=timeout,
                                  check=False)  # fmt: skip

@@ -20,7 +20,9 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from moto.server import ThreadedMotoServer
 
-from lustrefs import control_client, locals3, s3client
+from lustrefs import s3client
+from lustrefs.client import control_client
+from lustrefs.demo import locals3
 
 LUSTREFS = str(Path(sys.executable).parent / "lustrefs")
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lustrefs.mounts import mounts as mount_table
+
 from . import cases, dataset, raw, report, targets
 from .dataset import DataSet
 from .endpoints import Endpoint, open_endpoint
@@ -260,8 +262,7 @@ def lustrefs_source(rev: str | None, work: Path) -> str:
 
 def _mounts_under(path: Path) -> list[str]:
     prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    return [m.mountpoint for m in mount_table() if m.mountpoint.startswith(prefix)]
 
 
 def run(settings: Settings) -> tuple[Results, Path, Path]:

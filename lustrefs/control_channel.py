@@ -1,6 +1,6 @@
 """The daemon's side of the control channel: the hidden file ``.lustrefs`` at the root of the mount.
 
-The ``lustrefs`` CLI (through :mod:`lustrefs.control_client`) opens ``<mount>/.lustrefs`` read-write, writes
+The ``lustrefs`` CLI (through :mod:`lustrefs.client.control_client`) opens ``<mount>/.lustrefs`` read-write, writes
 one request and reads the response from offset 0 to the end of file. It replaced ``user.lustrefs.*`` extended
 attributes, which forced the daemon to answer every ``getxattr`` (two per entry of ``ls -l``); lustrefs.fs now
 answers xattr requests ENOSYS, and the kernel stops sending them.
@@ -64,10 +64,13 @@ import trio
 
 from . import stats
 from .cache import Cache
+from .constants import CONTROL_INODE, ROOT_INODE
+from .errors import NoEntry
 from .hsm import ActionError, Hsm
 from .importer import Importer
-from .namespace import CONTROL_INODE, ORPHAN, ROOT_INODE, Namespace, NoEntry
+from .namespace import Namespace
 from .paths import CONTROL_NAME
+from .store.inodes import ORPHAN
 from .tasks import TaskRunner
 from .writeback import Writeback
 
@@ -134,13 +137,15 @@ def parse_request(data: bytes) -> tuple[str, int, str | None]:
 class Control:
     """Runs the control requests; acts through the namespace, cache, exporter and importer."""
 
-    def __init__(self, ns: Namespace, cache: Cache, writeback: Writeback, importer: Importer | None = None) -> None:
+    def __init__(
+        self, ns: Namespace, cache: Cache, writeback: Writeback, hsm: Hsm, tasks: TaskRunner, importer: Importer
+    ) -> None:
         self.ns = ns
         self.cache = cache
         self.writeback = writeback
         self.importer = importer
-        self.hsm = Hsm(ns, cache, writeback)
-        self.tasks = TaskRunner(ns, writeback, self.hsm, importer)
+        self.hsm = hsm
+        self.tasks = tasks
         self.fuse = stats.FuseCounters()  # counted by fs.Operations
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -217,15 +222,15 @@ class Control:
         at, mask = ino, os.R_OK
         while caller.uid != 0:
             row = await self.ns.getattr(at)  # the mode of the object's metadata, not the listing's defaults
-            if row["parent"] == ORPHAN or not caller.may(mask, row["mode"], row["uid"], row["gid"]):
+            if row.parent == ORPHAN or not caller.may(mask, row.mode, row.uid, row.gid):
                 raise NoEntry(ino)
             if at == ROOT_INODE:
                 return
-            at, mask = row["parent"], os.X_OK
+            at, mask = row.parent, os.X_OK
 
     def _owner_or_root(self, ino: int, caller: Caller, what: str) -> None:
         """FSx: only root may act on another user's file."""
-        if caller.uid != 0 and caller.uid != self.ns.get(ino)["uid"]:
+        if caller.uid != 0 and caller.uid != self.ns.get(ino).uid:
             raise ActionError(errno.EPERM, "AccessDenied", f"only root or the owner may {what} this file")
 
 

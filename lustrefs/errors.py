@@ -15,3 +15,7 @@ class FsxError(Exception):
     def __str__(self) -> str:
         op = self.operation or "Unknown"
         return f"An error occurred ({self.code}) when calling the {op} operation: {self.message}"
+
+
+class NoEntry(Exception):
+    """The inode or name does not exist (ENOENT)."""

@@ -10,7 +10,6 @@ import errno
 import functools
 import logging
 import os
-import sqlite3
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -20,12 +19,17 @@ from typing import Any, ParamSpec, TypeVar
 import cachetools
 import pyfuse3
 
-from . import control_channel, db, paths
+from . import control_channel, paths
 from .cache import Buffer, Cache, FileData, ObjectVersion
+from .constants import CONTROL_INODE
 from .control_channel import Control, ControlFile
-from .namespace import CONTROL_INODE, DATA, Namespace, NoEntry
+from .errors import NoEntry
+from .namespace import Namespace
 from .prefetch import Prefetcher, ReadAhead
 from .repository import RepositoryError, VersionChanged
+from .store import db
+from .store.exports import DATA
+from .store.inodes import Inode
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -117,23 +121,23 @@ class Operations(pyfuse3.Operations):
             maxsize=100_000
         )
 
-    def _attrs(self, row: sqlite3.Row) -> pyfuse3.EntryAttributes:
+    def _attrs(self, row: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = row["ino"]
+        a.st_ino = row.ino
         a.generation = 0
         a.entry_timeout = self.attr_timeout
         a.attr_timeout = self.attr_timeout
-        a.st_mode = row["mode"]
+        a.st_mode = row.mode
         a.st_nlink = 1
-        a.st_uid = row["uid"]
-        a.st_gid = row["gid"]
+        a.st_uid = row.uid
+        a.st_gid = row.gid
         a.st_rdev = 0
-        a.st_size = row["size"]
+        a.st_size = row.size
         a.st_blksize = BLOCK_SIZE
-        a.st_blocks = (row["size"] + 511) // 512
-        a.st_atime_ns = row["atime_ns"]
-        a.st_mtime_ns = row["mtime_ns"]
-        a.st_ctime_ns = row["ctime_ns"]
+        a.st_blocks = (row.size + 511) // 512
+        a.st_atime_ns = row.atime_ns
+        a.st_mtime_ns = row.mtime_ns
+        a.st_ctime_ns = row.ctime_ns
         return a
 
     @fuse_op
@@ -146,7 +150,7 @@ class Operations(pyfuse3.Operations):
             negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
             negative.entry_timeout = self.negative_timeout
             return negative
-        self.ns.remember(row["ino"])
+        self.ns.remember(row.ino)
         return self._attrs(row)
 
     @fuse_op
@@ -162,7 +166,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def opendir(self, inode: int, ctx: Any) -> int:
         row = await self.ns.getattr(inode)
-        if not stat.S_ISDIR(row["mode"]):
+        if not stat.S_ISDIR(row.mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
@@ -172,16 +176,16 @@ class Operations(pyfuse3.Operations):
         # stay valid while entries are added concurrently.
         if start_id < 2:
             row = await self.ns.getattr(fh)
-            for next_id, name, ino in ((1, b".", fh), (2, b"..", row["parent"]))[start_id:]:
+            for next_id, name, ino in ((1, b".", fh), (2, b"..", row.parent))[start_id:]:
                 if not pyfuse3.readdir_reply(token, name, self._attrs(await self.ns.getattr(ino)), next_id):
                     return
         after = max(start_id - 2, 0)
         while rows := await self.ns.entries(fh, after):
             for row in rows:
-                if not pyfuse3.readdir_reply(token, os.fsencode(row["name"]), self._attrs(row), row["ino"] + 2):
+                if not pyfuse3.readdir_reply(token, os.fsencode(row.name), self._attrs(row), row.ino + 2):
                     return
-                self.ns.remember(row["ino"])
-                after = row["ino"]
+                self.ns.remember(row.ino)
+                after = row.ino
 
     @fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -195,7 +199,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _Handle(
-            ino, self.prefetcher.new_handle(), writable, self._data(ino), self.ns.reimports.get(ino, 0)
+            ino, self.prefetcher.new_handle(), writable, self._data(ino), self.ns.loader.reimport_count(ino)
         )
         self.ns.opened(ino)
         if writable:
@@ -207,16 +211,16 @@ class Operations(pyfuse3.Operations):
         if inode == CONTROL_INODE:
             return self.control_file.open(flags, ctx)
         row = await self.ns.getattr(inode)
-        if stat.S_ISDIR(row["mode"]):
+        if stat.S_ISDIR(row.mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if writable and flags & os.O_TRUNC and row["size"]:  # libfuse enables atomic O_TRUNC: it comes here
+        if writable and flags & os.O_TRUNC and row.size:  # libfuse enables atomic O_TRUNC: it comes here
             row = self._truncate(inode, 0, {})
         fh = self._new_handle(inode, writable)
-        if not writable and not row["dirty"] & DATA:
-            self.prefetcher.on_open(row["parent"], inode, lambda n: self._versions_after(row["parent"], inode, n))
+        if not writable and not row.dirty & DATA:
+            self.prefetcher.on_open(row.parent, inode, lambda n: self._versions_after(row.parent, inode, n))
         # Keep the kernel's pages only if they belong to the content being opened.
-        version = (row["etag"], row["data_gen"] if row["dirty"] & DATA else 0)
+        version = (row.etag, row.data_gen if row.dirty & DATA else 0)
         keep = self._page_cache_version.get(inode) == version
         self._page_cache_version[inode] = version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
@@ -226,29 +230,29 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         row = await self.ns.create(parent_inode, _name(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
-        self.ns.remember(row["ino"])
-        fh = self._new_handle(row["ino"], True)
-        self._page_cache_version[row["ino"]] = (row["etag"], row["data_gen"])
+        self.ns.remember(row.ino)
+        fh = self._new_handle(row.ino, True)
+        self._page_cache_version[row.ino] = (row.etag, row.data_gen)
         return pyfuse3.FileInfo(fh=fh), self._attrs(row)
 
     def _versions_after(self, parent: int, ino: int, n: int) -> list[ObjectVersion]:
         return [
-            ObjectVersion(r["ino"], r["key"], r["etag"], r["src_limit"])
+            ObjectVersion(r.ino, r.key, r.etag, r.src_limit)
             for r in self.ns.files_after(parent, ino, n)
-            if r["etag"] and not r["dirty"] & DATA
+            if r.etag and not r.dirty & DATA
         ]
 
     def _data(self, ino: int) -> FileData:
         row = self.ns.get(ino)
-        source = ObjectVersion(ino, row["key"], row["etag"], row["src_limit"]) if row["etag"] else None
-        return FileData(ino, row["size"], source, bool(row["dirty"] & DATA))
+        source = ObjectVersion(ino, row.key, row.etag, row.src_limit) if row.etag else None
+        return FileData(ino, row.size, source, bool(row.dirty & DATA))
 
     @fuse_op
     async def read(self, fh: int, off: int, size: int) -> Buffer:
         if self.control_file.owns(fh):
             return self.control_file.read(fh, off, size)
         handle = self._handles[fh]
-        reimported = handle.reimports != self.ns.reimports.get(handle.ino, 0)
+        reimported = handle.reimports != self.ns.loader.reimport_count(handle.ino)
         data = handle.opened if reimported and not handle.opened.local else self._data(handle.ino)
         if data.source is not None and not data.local:
             self.prefetcher.on_read(handle.read_ahead, data.source, off, size)
@@ -269,12 +273,12 @@ class Operations(pyfuse3.Operations):
         old = data.source
         if old is None or any(h.ino == ino and h.read_etag == old.etag for h in self._handles.values()):
             return False
-        if not await self.ns.reload_unread(ino, old.etag):
+        if not await self.ns.loader.reload_unread(ino, old.etag):
             return False
         self.cache.drop_version(ino, old.etag)
         for h in self._handles.values():
             if h.ino == ino:
-                h.opened, h.reimports = self._data(ino), self.ns.reimports.get(ino, 0)
+                h.opened, h.reimports = self._data(ino), self.ns.loader.reimport_count(ino)
         return True
 
     @fuse_op
@@ -307,7 +311,7 @@ class Operations(pyfuse3.Operations):
         """The data and the state records of ``ino`` on local disk."""
         await self.cache.sync(ino)
         with db.durable(self.ns.conn):
-            self.ns.conn.execute("UPDATE inodes SET size = size WHERE ino = ?", (ino,))
+            self.ns.inodes.sync(ino)
 
     @fuse_op
     async def release(self, fh: int) -> None:
@@ -341,9 +345,9 @@ class Operations(pyfuse3.Operations):
             return self._attrs(await self.ns.getattr(inode))
         return self._attrs(self.ns.setattr(inode, changes))
 
-    def _truncate(self, inode: int, size: int, changes: dict[str, int]) -> sqlite3.Row:
+    def _truncate(self, inode: int, size: int, changes: dict[str, int]) -> Inode:
         """Set the size of a regular file (and any other ``changes``); data past ``size`` is gone."""
-        if not stat.S_ISREG(self.ns.get(inode)["mode"]):
+        if not stat.S_ISREG(self.ns.get(inode).mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         self.cache.truncate(self._data(inode), size)
         return self.ns.setattr(inode, {**changes, "size": size, "mtime_ns": changes.get("mtime_ns", time.time_ns())})
@@ -351,13 +355,13 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         row = await self.ns.create(parent_inode, _name(name), stat.S_IFDIR | (mode & ~ctx.umask & 0o7777), _owner(ctx))
-        self.ns.remember(row["ino"])
+        self.ns.remember(row.ino)
         return self._attrs(row)
 
     @fuse_op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         row = await self.ns.create(parent_inode, _name(name), stat.S_IFLNK | 0o777, _owner(ctx), os.fsdecode(target))
-        self.ns.remember(row["ino"])
+        self.ns.remember(row.ino)
         return self._attrs(row)
 
     @fuse_op
@@ -366,7 +370,7 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs and sockets cannot be exported to S3
         row = await self.ns.create(parent_inode, entry, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
-        self.ns.remember(row["ino"])
+        self.ns.remember(row.ino)
         return self._attrs(row)
 
     @fuse_op

@@ -4,7 +4,8 @@ States follow FSx: an imported file not read yet is ``released exists archived``
 cached, ``exists archived``; changed locally, ``exists dirty archived`` (``exists dirty`` for a new file
 never exported); exported again, ``exists archived``. ``archive`` exports a file now and waits for it,
 ``release`` drops the cached data of a clean archived file, ``restore`` fetches a file's data in the
-background. The formatting functions at the top are what the CLI prints; the rest runs in the daemon.
+background. This is the daemon's side; the CLI's (requests through the mount, ``lfs`` output) is
+lustrefs.client.hsm.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import control_client
 from .cache import ObjectVersion, first_error
+from .constants import HS_ARCHIVED, HS_DIRTY, HS_EXISTS, HS_RELEASED
 from .repository import VersionChanged
+from .store.inodes import Inode
 
 if TYPE_CHECKING:
-    import sqlite3
 
     from .cache import Cache
     from .namespace import Namespace
@@ -29,36 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Lustre's enum hsm_states (lustre_user.h), in the order ``lfs hsm_state`` prints them.
-HS_EXISTS, HS_DIRTY, HS_RELEASED, HS_ARCHIVED = 0x01, 0x02, 0x04, 0x08
-HS_NORELEASE, HS_NOARCHIVE, HS_LOST = 0x10, 0x20, 0x40
-FLAG_NAMES = (
-    (HS_RELEASED, "released"),
-    (HS_EXISTS, "exists"),
-    (HS_DIRTY, "dirty"),
-    (HS_ARCHIVED, "archived"),
-    (HS_NORELEASE, "never_release"),
-    (HS_NOARCHIVE, "never_archive"),
-    (HS_LOST, "lost_from_hsm"),
-)
 ARCHIVE_ID = 1  # FSx shows archive_id:1 for every file with a copy in S3
 MAX_ARCHIVE_ATTEMPTS = 3  # an archive retried while the file keeps changing under it
 RESTORES_AT_ONCE = 8
 ARCHIVE_ERRNO = {"ResourceBusy": errno.EBUSY, "PathSizeTooLong": errno.ENAMETOOLONG, "FileSizeTooLarge": errno.EFBIG}
-
-
-def format_state(path: str, flags: int, archive_id: int) -> str:
-    """One line of ``lfs hsm_state``: ``<path>: (0x0000000d) released exists archived, archive_id:1``."""
-    text = f"{path}: (0x{flags:08x})" + "".join(f" {name}" for bit, name in FLAG_NAMES if flags & bit)
-    return text + (f", archive_id:{archive_id}" if archive_id else "")
-
-
-def format_action(path: str, action: str, state: str = "", moved: int = 0) -> str:
-    """One line of ``lfs hsm_action``: ``<path>: NOOP`` or ``<path>: ARCHIVE running (0 bytes moved)``."""
-    if action == "NOOP":
-        return f"{path}: NOOP"
-    where = f"({moved} bytes moved)" if state == "running" else "(from 0 to EOF)"
-    return f"{path}: {action} {state} {where}"
 
 
 class ActionError(Exception):
@@ -71,15 +46,15 @@ class ActionError(Exception):
         self.message = message
 
 
-def flags_of(row: sqlite3.Row, cached: int) -> int:
+def flags_of(row: Inode, cached: int) -> int:
     """The HSM flags of an inode row; ``cached`` is how many bytes of its current data are in the cache."""
-    is_dir = stat.S_ISDIR(row["mode"])
-    dirty = row["dirty"] != 0
-    archived = row["etag"] is not None or row["exported_key"] is not None or (is_dir and row["key"] != "")
+    is_dir = stat.S_ISDIR(row.mode)
+    dirty = row.dirty != 0
+    archived = row.etag is not None or row.exported_key is not None or (is_dir and row.key != "")
     flags = HS_EXISTS | HS_ARCHIVED if archived else 0
     if dirty:
         flags |= HS_EXISTS | HS_DIRTY  # a new file never exported shows "exists dirty", as FSx documents it
-    if archived and not dirty and stat.S_ISREG(row["mode"]) and row["size"] > 0 and cached == 0:
+    if archived and not dirty and stat.S_ISREG(row.mode) and row.size > 0 and cached == 0:
         flags |= HS_RELEASED
     return flags
 
@@ -103,9 +78,13 @@ class Hsm:
             task_status.started()
             await trio.sleep_forever()
 
-    def cached(self, row: sqlite3.Row) -> int:
+    def cached(self, row: Inode) -> int:
         """Bytes of the file's current data in the cache (its object version, or local data)."""
-        return self.cache.cached_bytes(row["ino"], row["etag"] or "")
+        return self.cache.cached_bytes(row.ino, row.etag or "")
+
+    def cached_inodes(self) -> list[int]:
+        """Files with fetched (clean) data in the cache: what a release task looks at."""
+        return self.cache.inodes_with_clean_parts()
 
     def state(self, ino: int) -> dict[str, int]:
         """``{"flags", "archive_id"}`` of ``ino``."""
@@ -119,13 +98,13 @@ class Hsm:
             return {"action": "ARCHIVE", "state": "running", "bytes": 0}
         if ino in self.restoring:
             return {"action": "RESTORE", "state": "running", "bytes": self.cached(self.ns.get(ino))}
-        if self.writeback.is_waiting(ino) and self.ns.get(ino)["dirty"]:
+        if self.writeback.is_waiting(ino) and self.ns.get(ino).dirty:
             return {"action": "ARCHIVE", "state": "waiting", "bytes": 0}  # queued for (auto-)export
         return {"action": "NOOP", "state": "", "bytes": 0}
 
-    def _regular(self, ino: int) -> sqlite3.Row:
+    def _regular(self, ino: int) -> Inode:
         row = self.ns.get(ino)
-        if not stat.S_ISREG(row["mode"]):
+        if not stat.S_ISREG(row.mode):
             raise ActionError(errno.EINVAL, "BadRequest", "not a regular file")
         return row
 
@@ -157,9 +136,9 @@ class Hsm:
     def restore(self, ino: int) -> None:
         """Start fetching the whole file into the cache in the background (``hsm_restore``)."""
         row = self._regular(ino)
-        if row["dirty"] or row["etag"] is None or row["src_limit"] == 0 or ino in self.restoring:
+        if row.dirty or row.etag is None or row.src_limit == 0 or ino in self.restoring:
             return  # nothing in S3 to restore from, or already on its way
-        obj = ObjectVersion(ino, row["key"], row["etag"], row["src_limit"])
+        obj = ObjectVersion(ino, row.key, row.etag, row.src_limit)
         if self._nursery is None:
             self.cache.prefetch(obj, 0, obj.size)
             return
@@ -173,37 +152,14 @@ class Hsm:
                     await self.cache.fetch_all(obj)
                 except BaseException as exc:
                     gone = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-                    if not isinstance(gone, VersionChanged) or not await self.ns.reload_unread(obj.ino, obj.etag):
+                    loader = self.ns.loader
+                    if not (isinstance(gone, VersionChanged) and await loader.reload_unread(obj.ino, obj.etag)):
                         raise
                     row = self.ns.get(obj.ino)  # the object was replaced before it was read: restore the new one
-                    await self.cache.fetch_all(ObjectVersion(obj.ino, row["key"], row["etag"], row["src_limit"]))
+                    await self.cache.fetch_all(ObjectVersion(obj.ino, row.key, row.etag, row.src_limit))
         except Exception as exc:
             err = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
             code = getattr(err, "code", "InternalError")
             self.ns.events.emit("ERROR", code, f"Restore of {obj.key} failed: {err}", key=obj.key)
         finally:
             self.restoring.discard(obj.ino)
-
-
-# --------------------------------------------------------------------------------- client side (the CLI)
-
-
-def read_state(path: str) -> str:
-    """``lfs hsm_state`` of one file, through the mount. Raises OSError (control_client's errors)."""
-    state = control_client.request(path, "hsm_state")
-    return format_state(path, state["flags"], state["archive_id"])
-
-
-def read_action(path: str) -> str:
-    """``lfs hsm_action`` of one file, through the mount. Raises OSError (control_client's errors)."""
-    action = control_client.request(path, "hsm_action")
-    return format_action(path, action["action"], action["state"], action["bytes"])
-
-
-def request(path: str, action: str) -> None:
-    """Ask the daemon for ``action`` (hsm_archive, hsm_release, hsm_restore) on one file; waits for it.
-
-    Raises control_client.ControlError, whose ``strerror`` is the daemon's explanation (``PathSizeTooLong: …``),
-    or another OSError (control_client.NotLustrefs outside a lustrefs mount).
-    """
-    control_client.request(path, action)

@@ -31,12 +31,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import db, paths
+from . import listing, paths
 from .cache import Cache, first_error
+from .constants import ROOT_INODE
 from .errors import FsxError
 from .events import EventLog
-from .namespace import ORPHAN, ROOT_INODE, Namespace
+from .namespace import Namespace
 from .repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, Unavailable
+from .store import db
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +186,7 @@ class Importer:
 
     def _loaded_dirs(self, roots: list[int] | None) -> list[int]:
         """Directories listed, or partly known through lookups (and, given ``roots``, only those below them)."""
-        query = (
-            "SELECT ino, parent FROM inodes AS d WHERE (mode & ?) = ? AND parent != ? AND (listed = 1 OR EXISTS"
-            " (SELECT 1 FROM inodes AS c WHERE c.parent = d.ino AND c.ino != c.parent))"
-        )
-        rows = self.ns.conn.execute(query, (0o170000, stat.S_IFDIR, ORPHAN)).fetchall()
+        rows = self.ns.inodes.loaded_dirs()
         if roots is None:
             return [r[0] for r in rows]
         children: dict[int, list[int]] = {}
@@ -214,67 +212,58 @@ class Importer:
                 return
             dirs: set[str] = set()
             files: dict[str, ObjectInfo] = {}
-            token = None
-            while True:
-                page = await self.repo.list_page(spec.prefix, token)
-                result.requests += 1
-                dirs.update(n for p in page.prefixes if not paths.entry_problem(dir_key, n := spec.child_name(p)))
-                files.update(
-                    (n, o)
-                    for o in page.objects
-                    if not o.key.endswith("/") and not paths.entry_problem(dir_key, n := spec.child_name(o.key))
-                )
-                token = page.next_token
-                if token is None:
-                    break
+
+            def collect(page: listing.Entries) -> None:
+                dirs.update(name for name, _ in page.dirs)
+                files.update(page.files)
+
+            # Keys that are no POSIX names were reported when the directory was first listed.
+            result.requests += await listing.each_page(self.repo, spec, collect, on_skip=lambda key, why: None)
             self._apply(ino, dir_key, dirs, files, policy, result)
 
     def _apply(
         self, parent: int, dir_key: str, dirs: set[str], files: dict[str, ObjectInfo], policy: str, result: PollResult
     ) -> None:
         """Apply one directory's listing to SQLite, as the policy allows (in one transaction)."""
-        conn = self.ns.conn
-        row = conn.execute("SELECT listed FROM inodes WHERE ino = ? AND parent != ?", (parent, ORPHAN)).fetchone()
-        if row is None:
+        conn, inodes = self.ns.conn, self.ns.inodes
+        row = inodes.find(parent)
+        if row is None or row.is_orphan:
             return
-        listed = bool(row[0])  # a directory known only through lookups gets its new names when it is listed
-        local = {
-            r["name"]: r
-            for r in conn.execute("SELECT * FROM inodes WHERE parent = ? AND ino != ?", (parent, ROOT_INODE))
-        }
-        whiteouts = {r[0] for r in conn.execute("SELECT name FROM whiteouts WHERE parent = ?", (parent,))}
+        listed = bool(row.listed)  # a directory known only through lookups gets its new names when it is listed
+        local = {r.name: r for r in inodes.children(parent)}
+        whiteouts = inodes.whiteouts(parent)
         files = {n: o for n, o in files.items() if n not in dirs}  # a directory wins over a file
         ours = self.ns.exports.own_keys_under(dir_key)  # objects this mount is writing or deleting: not imports
         dirs = {n for n in dirs if dir_key + n + "/" not in ours}
         files = {n: o for n, o in files.items() if o.key not in ours}
         with db.transaction(conn):
             for name in whiteouts - dirs - files.keys():  # gone from S3 too: forget the whiteout
-                conn.execute("DELETE FROM whiteouts WHERE parent = ? AND name = ?", (parent, name))
+                inodes.drop_whiteout(parent, name)
             if policy == "NONE":
                 return
             for name in (dirs | files.keys()) - local.keys() - whiteouts if listed else ():
                 if name in dirs:
-                    self.ns.add_imported_dir(parent, name, dir_key + name + "/")
+                    self.ns.loader.add_imported_dir(parent, name, dir_key + name + "/")
                 else:
-                    self.ns.add_imported_file(parent, name, files[name])
+                    self.ns.loader.add_imported_file(parent, name, files[name])
                 self.notifier.entry(parent, name)  # the kernel may hold a negative entry
                 result.new += 1
             if policy in ("NEW_CHANGED", "NEW_CHANGED_DELETED"):
                 for name, obj in files.items():
                     row = local.get(name)
-                    if row is not None and stat.S_ISREG(row["mode"]):
+                    if row is not None and stat.S_ISREG(row.mode):
                         self._changed(row, obj, result)
             if policy == "NEW_CHANGED_DELETED":
                 for name, row in local.items():
-                    if name not in dirs and name not in files and row["import_etag"] is not None:
+                    if name not in dirs and name not in files and row.import_etag is not None:
                         self._deleted(row, result)
 
     def _changed(self, row: Any, obj: ObjectInfo, result: PollResult) -> None:
-        if obj.etag in (row["import_etag"], row["etag"]):
-            if row["import_etag"] != obj.etag:  # our own export at this path: adopt it as imported
-                self.ns.conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (obj.etag, row["ino"]))
+        if obj.etag in (row.import_etag, row.etag):
+            if row.import_etag != obj.etag:  # our own export at this path: adopt it as imported
+                self.ns.inodes.set_import_etag(row.ino, obj.etag)
             return
-        if row["dirty"]:
+        if row.dirty:
             result.conflicts += 1
             self.events.emit(
                 "WARN",
@@ -283,24 +272,23 @@ class Importer:
                 " will be exported.",
                 key=obj.key,
             )
-            self.ns.conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (obj.etag, row["ino"]))
+            self.ns.inodes.set_import_etag(row.ino, obj.etag)
             return
-        if row["etag"] and row["ino"] in self.ns.open_counts:
-            self.stale.setdefault(row["ino"], set()).add(row["etag"])  # open files keep reading what they opened
-        elif row["etag"]:
-            self.cache.drop_version(row["ino"], row["etag"])
-        self.ns.reimport_file(row["ino"], obj)
-        self.notifier.inode(row["ino"])
+        if row.etag and row.ino in self.ns.open_counts:
+            self.stale.setdefault(row.ino, set()).add(row.etag)  # open files keep reading what they opened
+        elif row.etag:
+            self.cache.drop_version(row.ino, row.etag)
+        self.ns.loader.reimport_file(row.ino, obj)
+        self.notifier.inode(row.ino)
         result.changed += 1
 
     def _deleted(self, row: Any, result: PollResult) -> None:
-        if row["dirty"]:
+        if row.dirty:
             return  # a local change keeps the entry; it will be exported
-        has_children = self.ns.conn.execute("SELECT 1 FROM inodes WHERE parent = ? LIMIT 1", (row["ino"],)).fetchone()
-        if stat.S_ISDIR(row["mode"]) and has_children:
+        if row.is_dir and self.ns.inodes.has_children(row.ino):
             return  # a directory is removed only when empty
         self.ns.remove_imported(row)
-        self.notifier.entry(row["parent"], row["name"])
+        self.notifier.entry(row.parent, row.name)
         result.deleted += 1
 
     def closed(self, ino: int) -> None:

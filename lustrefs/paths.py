@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .constants import CONTROL_NAME  # the daemon's control file at the mount root: reserved there
+
 NAME_MAX = 255
-CONTROL_NAME = ".lustrefs"  # the daemon's control file at the mount root (lustrefs.control_channel): reserved there
 
 
 def name_problem(name: str) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -25,13 +24,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import db
 from .cache import Cache, FileData, ObjectVersion, first_error
+from .constants import ROOT_INODE
+from .errors import NoEntry
 from .events import EventLog
-from .exports import DATA, ORPHAN
 from .metadata import to_user_metadata
-from .namespace import ROOT_INODE, Namespace, NoEntry
+from .namespace import Namespace
 from .repository import MAX_DELETE_BATCH, AccessDenied, NotFound, ObjectStore, RepositoryError
+from .store import db
+from .store.exports import DATA, ORPHAN
+from .store.inodes import Inode
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,7 @@ class Writeback:
                 row = self.ns.get(ino)
             except NoEntry:
                 return None  # deleted meanwhile: nothing left to export
-            if row["dirty"] == 0 or row["parent"] == ORPHAN:
+            if row.dirty == 0 or row.parent == ORPHAN:
                 return None
             if ino in self.s.running:
                 await self._wait_idle(ino)
@@ -263,9 +265,9 @@ class Writeback:
                 self.s.running.discard(ino)
                 self._one_finished()  # the exporter may have skipped this entry meanwhile
             row = self.ns.get(ino)
-            if row["dirty"] == 0 or row["parent"] == ORPHAN:
+            if row.dirty == 0 or row.parent == ORPHAN:
                 return None
-            if self.s.given_up.get(ino) == row["data_gen"]:
+            if self.s.given_up.get(ino) == row.data_gen:
                 code, _, message = self.s.errors.get(ino, "InternalError: not exported").partition(": ")
                 return Failure(code, message)
         return Failure("ResourceBusy", "the file kept changing during the export")
@@ -287,7 +289,7 @@ class Writeback:
         """
         while True:
             row = self.ns.get(ino)
-            if row["dirty"] == 0 or row["parent"] == ORPHAN:
+            if row.dirty == 0 or row.parent == ORPHAN:
                 return
             if ino == ROOT_INODE:
                 with db.transaction(self.ns.conn):
@@ -296,13 +298,13 @@ class Writeback:
             if ino in self.s.writers:
                 self.s.due[ino] = math.inf  # exported when closed
                 return
-            is_dir = stat.S_ISDIR(row["mode"])
+            is_dir = stat.S_ISDIR(row.mode)
             desired = self.target.key(self.ns.path_key(ino), is_dir)
-            if self.s.given_up.get(ino) == row["data_gen"] and not explicit:
+            if self.s.given_up.get(ino) == row.data_gen and not explicit:
                 return
-            if problem := self._refusal(row, desired, row["exported_key"], explicit):
+            if problem := self._refusal(row, desired, row.exported_key, explicit):
                 code, message = problem
-                self.s.given_up[ino] = row["data_gen"]
+                self.s.given_up[ino] = row.data_gen
                 self.s.errors[ino] = f"{code}: {message}"
                 self.events.emit("ERROR", code, message, path="/" + desired[len(self.target.base) :])
                 return
@@ -314,12 +316,12 @@ class Writeback:
             break
         await self._upload(ino, row, desired)
 
-    async def _upload(self, ino: int, r: sqlite3.Row, desired: str) -> None:
+    async def _upload(self, ino: int, r: Inode, desired: str) -> None:
         """Write the entry's object at ``desired`` (the key is free) and record the outcome."""
-        is_dir, is_link = stat.S_ISDIR(r["mode"]), stat.S_ISLNK(r["mode"])
-        gen = r["data_gen"]
-        meta = to_user_metadata(r["mode"], r["uid"], r["gid"], r["mtime_ns"], r["atime_ns"])
-        source = ObjectVersion(ino, r["key"], r["etag"], r["src_limit"]) if r["etag"] else None
+        is_dir, is_link = stat.S_ISDIR(r.mode), stat.S_ISLNK(r.mode)
+        gen = r.data_gen
+        meta = to_user_metadata(r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns)
+        source = ObjectVersion(ino, r.key, r.etag, r.src_limit) if r.etag else None
         done = self.s.busy[desired] = trio.Event()
         try:
             with db.transaction(self.ns.conn):
@@ -329,15 +331,15 @@ class Writeback:
             elif is_link:
                 body = (await self.ns.readlink(ino)).encode("utf-8", "surrogateescape")
                 etag = await self.repo.put(desired, body, meta)
-            elif not r["dirty"] & DATA and source is not None and source.size == r["size"] <= MAX_COPY_SIZE:
+            elif not r.dirty & DATA and source is not None and source.size == r.size <= MAX_COPY_SIZE:
                 etag, source = await self._copy(ino, source, desired, meta)  # unchanged data: server-side
             else:
-                data = FileData(ino, r["size"], source, bool(r["dirty"] & DATA))
-                if r["size"] <= self.upload_part:
-                    etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r["size"]), meta)
+                data = FileData(ino, r.size, source, bool(r.dirty & DATA))
+                if r.size <= self.upload_part:
+                    etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r.size), meta)
                 else:
                     etag = await self.repo.multipart_upload(
-                        desired, r["size"], self.upload_part, lambda off, n: self.cache.read_bytes(data, off, n), meta
+                        desired, r.size, self.upload_part, lambda off, n: self.cache.read_bytes(data, off, n), meta
                     )
         except BaseException:
             with db.transaction(self.ns.conn):
@@ -346,7 +348,7 @@ class Writeback:
         finally:
             del self.s.busy[desired]
             done.set()
-        self._exported(ino, gen, desired, etag, source, r["size"], is_dir or is_link)
+        self._exported(ino, gen, desired, etag, source, r.size, is_dir or is_link)
 
     async def _copy(
         self, ino: int, source: ObjectVersion, desired: str, meta: dict[str, str]
@@ -385,17 +387,17 @@ class Writeback:
         readers = [
             r
             for r in self.ledger.readers_of(key)
-            if r["ino"] != exporter and (r["parent"] != ORPHAN or r["ino"] in self.ns.open_counts)
+            if r.ino != exporter and (r.parent != ORPHAN or r.ino in self.ns.open_counts)
         ]  # an unlinked file nobody has open is never read again
         for r in readers:
-            version = ObjectVersion(r["ino"], r["key"], r["etag"], r["src_limit"])
-            await self.cache.materialize(FileData(r["ino"], r["size"], version, False))
-            current = self.ns.find(r["ino"])
-            if current is not None and current["etag"] == r["etag"] and not current["dirty"] & DATA:
+            version = ObjectVersion(r.ino, r.key, r.etag, r.src_limit)
+            await self.cache.materialize(FileData(r.ino, r.size, version, False))
+            current = self.ns.find(r.ino)
+            if current is not None and current.etag == r.etag and not current.dirty & DATA:
                 with db.transaction(self.ns.conn):
-                    self.ns.exports.mark_dirty(r["ino"], DATA)
-                if current["parent"] != ORPHAN:
-                    self.schedule(r["ino"], 0)
+                    self.ns.exports.mark_dirty(r.ino, DATA)
+                if current.parent != ORPHAN:
+                    self.schedule(r.ino, 0)
         return bool(readers)
 
     async def _key_free(self, key: str) -> None:
@@ -406,11 +408,11 @@ class Writeback:
             while key in self.s.stale:
                 await trio.sleep(0.05)
 
-    def _refusal(self, row: sqlite3.Row, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
+    def _refusal(self, row: Inode, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
         """Why this entry is not exported (FSx's codes), or None."""
         if len(desired.encode()) > MAX_KEY_BYTES:
             return "PathSizeTooLong", f"The key {desired[:80]}… is longer than {MAX_KEY_BYTES} bytes; not exported."
-        if row["size"] > MAX_FILE_SIZE:
+        if row.size > MAX_FILE_SIZE:
             return "FileSizeTooLarge", f"{desired} is larger than 5 TiB; not exported."
         event = "NEW" if old_key is None else "CHANGED"
         if not explicit and event not in self.policy():
@@ -427,7 +429,7 @@ class Writeback:
         version): bytes changed during the upload are in local parts, which stay authoritative.
         """
         row = self.ns.find(ino)
-        placed = row is not None and row["parent"] != ORPHAN and self._key_of(row) == key
+        placed = row is not None and row.parent != ORPHAN and self._key_of(row) == key
         with db.transaction(self.ns.conn):
             if not placed:
                 self.ledger.abandon(key)
@@ -444,13 +446,13 @@ class Writeback:
         elif source is not None and source.etag != etag:
             self.cache.drop_version(ino, source.etag)
 
-    def _key_of(self, row: sqlite3.Row) -> str | None:
+    def _key_of(self, row: Inode) -> str | None:
         """The key the entry's path maps to now (None if it is not in the tree)."""
         try:
-            path = self.ns.path_key(row["ino"])
+            path = self.ns.path_key(row.ino)
         except NoEntry:
             return None
-        return self.target.key(path, stat.S_ISDIR(row["mode"]))
+        return self.target.key(path, stat.S_ISDIR(row.mode))
 
     # ----------------------------------------------------------------------------------------- deletions
 

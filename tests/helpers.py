@@ -34,7 +34,8 @@ from moto.core import DEFAULT_ACCOUNT_ID  # noqa: E402
 from moto.s3.models import s3_backends  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from lustrefs import cli, control_client, records, s3client  # noqa: E402
+from lustrefs import records, s3client  # noqa: E402
+from lustrefs.client import cli, control_client  # noqa: E402
 
 LUSTREFS = str(Path(sys.executable).parent / "lustrefs")
 

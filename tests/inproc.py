@@ -1,7 +1,7 @@
 """A lustrefs daemon in the test's own trio run, on an in-memory repository: the core without FUSE.
 
-``Daemon`` wires the namespace, cache, exporter and FUSE ``Operations`` the way lustrefs.daemon does, on a state
-directory that outlives it. ``crash()`` stops it the way ``kill -9`` would: its database connection is closed
+``Daemon`` builds the same graph as lustrefs.daemon (``lustrefs.core.Core``) on a state directory that outlives
+it. ``crash()`` stops it the way ``kill -9`` would: its database connection is closed
 first (an open transaction is lost), its repository client stops reaching the bucket, and its tasks are
 abandoned; a new ``Daemon`` on the same directory is the next mount.
 """
@@ -17,15 +17,10 @@ import pyfuse3
 import trio
 from memrepo import Bucket, MemoryRepository
 
-from lustrefs import db
-from lustrefs.cache import Cache
-from lustrefs.control_channel import Control
+from lustrefs.constants import ROOT_INODE
+from lustrefs.core import Core, Settings
 from lustrefs.events import EventLog
-from lustrefs.fs import Operations
-from lustrefs.importer import Importer, Notifier
-from lustrefs.namespace import ROOT_INODE, Defaults, Namespace
-from lustrefs.prefetch import Prefetcher
-from lustrefs.writeback import ExportTarget, Writeback
+from lustrefs.store import db
 
 MIB = 1024 * 1024
 
@@ -74,24 +69,24 @@ class Daemon:
         self.conn = db.connect(home / "state.db")
         self.events = EventLog(home / "events.jsonl", "fs-0123456789abcdef0")
         self.policy = policy
-        target = ExportTarget.of(import_prefix, import_prefix if export_prefix is None else export_prefix)
-        self.ns = Namespace(
-            self.conn, self.repo, self.events, import_prefix, Defaults(), export_is_import=target.base == ""
+        settings = Settings(
+            import_prefix=import_prefix,
+            export_prefix=import_prefix if export_prefix is None else export_prefix,
+            cache_targets=[home / "cache"],
+            cache_capacity=capacity,
+            chunk_size=4 * part_size,
+            part_size=part_size,
+            import_state_file=home / "import.json",
+            export_delay=delay,
+            export_policy=lambda: self.policy,
+            upload_part=MIB,
+            import_policy=lambda: import_policy,
+            poll_interval=3600.0,  # polled by the test (``importer.poll()``), not on a timer
+            read_ahead=0,
         )
-        self.cache = Cache(self.conn, self.repo, [home / "cache"], capacity, 4 * part_size, part_size)
-        self.cache.load()
-        self.writeback = Writeback(
-            self.ns, self.cache, self.repo, self.events, target, lambda: self.policy, delay, upload_part=MIB
-        )
-        self.ns.on_purge = self.cache.drop_inode
-        self.ns.on_change = self.writeback.schedule
-        self.ns.purge_orphans()
-        self.importer = Importer(
-            self.ns, self.cache, self.repo, self.events, Notifier(self.ns), lambda: import_policy, home / "import.json"
-        )  # polled by the test (``importer.poll()``), not on a timer
-        control = Control(self.ns, self.cache, self.writeback, importer=self.importer)
-        prefetcher = Prefetcher(self.cache, 0, small_file=0, files_ahead=0)
-        self.ops = Operations(self.ns, self.cache, prefetcher, self.writeback, control, 1.0, 1.0)
+        self.core = Core(self.conn, self.repo, self.events, settings)
+        self.ns, self.cache, self.writeback = self.core.ns, self.core.cache, self.core.writeback
+        self.importer, self.ops = self.core.importer, self.core.ops
         self._scope = trio.CancelScope()
         self._ended = trio.Event()
         self.crashed = False
@@ -110,9 +105,7 @@ class Daemon:
             with self._scope:
                 try:
                     async with trio.open_nursery() as inner:
-                        await inner.start(self.ns.run)
-                        await inner.start(self.cache.run)
-                        await inner.start(self.writeback.run)
+                        await inner.start(self.core.run)
                         started.set()
                 except BaseException:
                     if not self.crashed:
@@ -132,7 +125,7 @@ class Daemon:
 
     async def stop(self, export_timeout: float = 10.0) -> list[tuple[str, str]]:
         """Unmount: export what is dirty (at most ``export_timeout``), stop, close. Returns what is left."""
-        left = await self.writeback.flush(export_timeout)
+        left = await self.core.export_all(export_timeout)
         self._scope.cancel()
         await self._ended.wait()
         self.cache.flush()

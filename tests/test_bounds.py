@@ -22,6 +22,7 @@ import trio
 from helpers import LUSTREFS, MotoEndpoint, create_fs, mount_fs
 
 from lustrefs import daemon, options, records, s3client
+from lustrefs.client import mount
 from lustrefs.fastpath import FastPath
 from lustrefs.repository import Repository, Unavailable
 
@@ -214,17 +215,17 @@ def _fusermount(monkeypatch: pytest.MonkeyPatch, then: Callable[[], None] = lamb
         then()
         return subprocess.CompletedProcess(argv, 0, "", "")
 
-    monkeypatch.setattr(daemon.subprocess, "run", run)
+    monkeypatch.setattr(mount.subprocess, "run", run)
 
 
 def test_umount_waits_export_timeout_plus_the_margin(
     fake_mount: tuple[str, str, int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, mountpoint, pid = fake_mount
-    monkeypatch.setattr(daemon, "UMOUNT_MARGIN", 1.0, raising=False)
+    monkeypatch.setattr(mount, "UMOUNT_MARGIN", 1.0, raising=False)
     _fusermount(monkeypatch)
     start = time.monotonic()
-    assert daemon.umount(mountpoint) == 1
+    assert mount.umount(mountpoint) == 1
     assert 2.0 <= time.monotonic() - start < 2.0 + SLACK  # export_timeout 1 s + margin 1 s
     assert f"daemon {pid} still running" in capsys.readouterr().err
 
@@ -235,7 +236,7 @@ def test_umount_of_a_daemon_that_died_without_confirming_fails(
     """The daemon crashes during its final export: no false "everything exported"."""
     _, mountpoint, pid = fake_mount
     _fusermount(monkeypatch, lambda: os.kill(pid, signal.SIGKILL))
-    assert daemon.umount(mountpoint) == 1
+    assert mount.umount(mountpoint) == 1
     err = capsys.readouterr().err
     assert f"daemon {pid} exited without confirming that everything was exported" in err
 
@@ -252,7 +253,7 @@ def test_umount_of_a_daemon_that_confirmed(
         os.kill(pid, signal.SIGKILL)
 
     _fusermount(monkeypatch, finish)
-    assert daemon.umount(mountpoint) == (2 if left else 0)
+    assert mount.umount(mountpoint) == (2 if left else 0)
 
 
 # ----------------------------------------------------------------------------------------------- a mount
@@ -277,7 +278,7 @@ def test_a_mount_behind_a_hung_endpoint(moto: MotoEndpoint, s3: Any, bucket: str
         assert elapsed < 2 + SLACK
         start = time.monotonic()
         res = subprocess.run([LUSTREFS, "umount", str(m.path)], capture_output=True, text=True, timeout=150)
-        assert time.monotonic() - start < 2 + daemon.UMOUNT_MARGIN
+        assert time.monotonic() - start < 2 + mount.UMOUNT_MARGIN
         assert res.returncode == 2, res.stderr
         assert "/dirty.txt" in res.stderr
         assert not records.process_alive(m.pid)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lustrefs import cache, daemon
+from lustrefs import daemon
+from lustrefs.data import diskio, model
 from tests.helpers import wait_for
 
 MIB = 1024 * 1024
@@ -33,12 +34,12 @@ def test_parts_are_written_whole(tmp_path: Path, direct: bool) -> None:
         try:
             pieces = [(base / "00" / f"1.v.{i}", rng.randbytes(n)) for i, n in enumerate(SIZES)]
             views = [(path, memoryview(data)[: len(data)]) for path, data in pieces]  # as the fetcher passes them
-            cache._write_parts(views, direct)
+            diskio.write_parts(views, direct)
             for path, data in pieces:
                 assert path.read_bytes() == data, (path, len(data))
             assert not list(base.rglob("*.tmp"))
             # Rewriting a part replaces it whole.
-            cache._write_parts([(pieces[-1][0], b"short")], direct)
+            diskio.write_parts([(pieces[-1][0], b"short")], direct)
             assert pieces[-1][0].read_bytes() == b"short"
         finally:
             shutil.rmtree(base)
@@ -47,22 +48,22 @@ def test_parts_are_written_whole(tmp_path: Path, direct: bool) -> None:
 def test_direct_parts_bypass_the_page_cache_and_can_be_warmed(tmp_path: Path) -> None:
     data = random.Random(8).randbytes(2 * MIB)
     path = tmp_path / "00" / "1.v.0"
-    cache._write_parts([(path, data)], direct=True)
-    if cache._pread_cached(path, 0, MIB) is not None:
+    diskio.write_parts([(path, data)], direct=True)
+    if diskio.pread_cached(path, 0, MIB) is not None:
         pytest.skip("this file system does not support O_DIRECT: the part went through the page cache")
     # A read that would wait for the disk is refused in the trio thread, and done by a worker instead.
-    assert cache._pread(path, 4096, 8192) == data[4096:8192]
-    cache._will_need([path])
-    got = wait_for(lambda: cache._pread_cached(path, 0, len(data)), 10, "the part in the page cache")
+    assert diskio.pread(path, 4096, 8192) == data[4096:8192]
+    diskio.will_need([path])
+    got = wait_for(lambda: diskio.pread_cached(path, 0, len(data)), 10, "the part in the page cache")
     assert bytes(got) == data
 
 
 def test_pread_cached_reads_pages_in_memory(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"0123456789")
-    assert cache._pread_cached(path, 2, 6) == bytearray(b"2345")
+    assert diskio.pread_cached(path, 2, 6) == bytearray(b"2345")
     with pytest.raises(FileNotFoundError):
-        cache._pread_cached(tmp_path / "missing", 0, 1)
+        diskio.pread_cached(tmp_path / "missing", 0, 1)
 
 
 def test_pread_cached_where_rwf_nowait_is_not_supported(tmp_path: Path) -> None:
@@ -72,16 +73,16 @@ def test_pread_cached_where_rwf_nowait_is_not_supported(tmp_path: Path) -> None:
         try:
             path = base / "f"
             path.write_bytes(b"0123456789")
-            assert cache._pread_cached(path, 2, 6) in (None, bytearray(b"2345"))
+            assert diskio.pread_cached(path, 2, 6) in (None, bytearray(b"2345"))
         finally:
             shutil.rmtree(base)
 
 
 def test_joined_avoids_a_copy_for_one_piece() -> None:
     view = memoryview(b"abcdef")[1:4]
-    assert cache._joined([view, b""]) is view
-    assert cache._joined([b"ab", memoryview(b"cd"), bytearray(b"e")]) == b"abcde"
-    assert cache._joined([]) == b""
+    assert model.joined([view, b""]) is view
+    assert model.joined([b"ab", memoryview(b"cd"), bytearray(b"e")]) == b"abcde"
+    assert model.joined([]) == b""
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,11 @@ import pytest
 import trio
 from helpers import MotoEndpoint, create_fs, run_cli
 
-from lustrefs import cache, daemon, db
+from lustrefs import cache, daemon
 from lustrefs.cache import Buffer, Cache, FileData, ObjectVersion
+from lustrefs.client import mount
+from lustrefs.data import diskio
+from lustrefs.store import db
 
 PART = 64 * 1024
 DISK = 4 * PART  # the simulated target disk holds four parts
@@ -30,10 +33,10 @@ def test_a_missing_cache_dir_fails_the_mount(
     (tmp_path / "mnt").mkdir()
     (tmp_path / "nvme0").mkdir()
     missing = tmp_path / "nvme1" / "cache"  # an unmounted disk: its directory is not there
-    monkeypatch.setattr(daemon, "_start_daemon", lambda p: pytest.fail("the daemon must not start"))
+    monkeypatch.setattr(mount, "_start_daemon", lambda p: pytest.fail("the daemon must not start"))
     opts = f"cache_dir={tmp_path / 'nvme0'}:{missing}"
     rc, _, err = run_cli("--endpoint-url", moto.url, "mount", fs_id, str(tmp_path / "mnt"), "-o", opts)
-    assert rc == daemon.MOUNT_FAILURE
+    assert rc == mount.MOUNT_FAILURE
     assert f"cache_dir {missing} does not exist" in err
     assert not missing.parent.exists()  # nothing created on the root disk
     assert not (tmp_path / "nvme0" / fs_id).exists()
@@ -45,7 +48,7 @@ def test_an_existing_cache_dir_gets_a_subdirectory_per_file_system(
     fs_id = create_fs(moto, f"s3://{bucket}")
     (tmp_path / "mnt").mkdir()
     (tmp_path / "nvme0").mkdir()
-    p = daemon.plan(fs_id, str(tmp_path / "mnt"), f"cache_dir={tmp_path / 'nvme0'}", moto.url, None, None)
+    p = mount.plan(fs_id, str(tmp_path / "mnt"), f"cache_dir={tmp_path / 'nvme0'}", moto.url, None, None)
     assert daemon._cache_targets(p, home / fs_id) == [tmp_path / "nvme0" / fs_id]
     assert stat.S_IMODE(os.stat(tmp_path / "nvme0" / fs_id).st_mode) == 0o700
 
@@ -60,7 +63,7 @@ class SmallDisk:
         self.root = root
         self.size = size
         self.refused = 0
-        self._write_parts = cache._write_parts
+        self._write_parts = diskio.write_parts
 
     def used(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
@@ -98,8 +101,8 @@ def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SmallDisk:
     target = tmp_path / "target"
     target.mkdir()
     d = SmallDisk(target, DISK)
-    monkeypatch.setattr(cache, "_write_parts", d.write_parts)
-    monkeypatch.setattr(cache, "_pwrite", d.pwrite, raising=False)
+    monkeypatch.setattr(diskio, "write_parts", d.write_parts)
+    monkeypatch.setattr(diskio, "pwrite", d.pwrite)
     return d
 
 
@@ -127,8 +130,8 @@ def test_a_full_disk_evicts_clean_parts_lru_first(tmp_path: Path, disk: SmallDis
 
     trio.run(main)
     assert disk.refused >= 1
-    assert (1, "etag-a", 4) in c._lru and (1, "etag-a", 1) not in c._lru
-    assert {(1, "etag-a", p) for p in (0, 2, 3)} <= c._lru.keys()
+    assert (1, "etag-a", 4) in c.disk and (1, "etag-a", 1) not in c.disk
+    assert {(1, "etag-a", p) for p in (0, 2, 3)} <= set(c.disk)
     assert c.stats.evictions == 1 and disk.used() <= DISK
 
 
@@ -151,7 +154,7 @@ def test_local_data_evicts_clean_parts_then_gets_enospc(tmp_path: Path, disk: Sm
     trio.run(main)
     assert written == [0, 1, 2, 3]
     assert [e.errno for e in errors] == [errno.ENOSPC]
-    assert all(etag == cache.LOCAL for _, etag, _ in c._lru)  # every clean part made room
+    assert all(etag == cache.LOCAL for _, etag, _ in c.disk)  # every clean part made room
     for p in range(4):
         assert c.path_of((B.ino, cache.LOCAL, p)).read_bytes() == bytes([9]) * PART
     assert disk.used() <= DISK

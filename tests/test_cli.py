@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import re
 import socket
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import in_process_moto
 
-import lustrefs
-from lustrefs import cli, records
+from lustrefs import records
+from lustrefs.client import cli, mount
 from lustrefs.errors import FsxError
 
 BUCKET = "cli-bucket"
@@ -369,21 +367,20 @@ def test_delete_refuses_while_mounted(s3: Any, run: Any, fake_daemon: Any) -> No
 
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple, dict]]:
-    """A fake ``lustrefs.daemon`` that records its calls; mount returns 7 and umount 3."""
+    """Fake ``mount`` and ``umount`` commands (lustrefs.client.mount) that record their calls; mount returns 7 and
+    umount 3."""
     calls: list[tuple[str, tuple, dict]] = []
-    fake = types.ModuleType("lustrefs.daemon")
 
-    def mount(*args: Any, **kwargs: Any) -> int:
+    def fake_mount(*args: Any, **kwargs: Any) -> int:
         calls.append(("mount", args, kwargs))
         return 7
 
-    def umount(*args: Any, **kwargs: Any) -> int:
+    def fake_umount(*args: Any, **kwargs: Any) -> int:
         calls.append(("umount", args, kwargs))
         return 3
 
-    fake.mount, fake.umount = mount, umount  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lustrefs.daemon", fake)
-    monkeypatch.setattr(lustrefs, "daemon", fake, raising=False)
+    monkeypatch.setattr(mount, "mount", fake_mount)
+    monkeypatch.setattr(mount, "umount", fake_umount)
     return calls
 
 
@@ -416,7 +413,7 @@ def test_mount_service_error_exits_254(run: Any, monkeypatch: pytest.MonkeyPatch
     def failing_mount(*args: Any, **kwargs: Any) -> int:
         raise FsxError("FileSystemNotFound", "File system 'fs-x' does not exist.", "Mount")
 
-    monkeypatch.setattr(sys.modules["lustrefs.daemon"], "mount", failing_mount)
+    monkeypatch.setattr(mount, "mount", failing_mount)
     result = run("mount", "fs-x", "/mnt/fsx")
     assert result.rc == 254
     assert result.err == "\nAn error occurred (FileSystemNotFound) when calling the Mount operation: " \
@@ -474,7 +471,7 @@ def test_mount_helper_errors(run: Any, monkeypatch: pytest.MonkeyPatch, daemon: 
     def failing_mount(*args: Any, **kwargs: Any) -> int:
         raise FsxError("FileSystemNotFound", "File system 'fs-x' does not exist.", "Mount")
 
-    monkeypatch.setattr(sys.modules["lustrefs.daemon"], "mount", failing_mount)
+    monkeypatch.setattr(mount, "mount", failing_mount)
     result = run("fs-x", "/mnt/fsx", main=cli.mount_helper_main)
     assert result.rc == 32
     assert "(FileSystemNotFound)" in result.err

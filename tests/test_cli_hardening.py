@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from helpers import LUSTREFS, run_cli, wait_for
 
-from lustrefs import daemon, records, tasks
+from lustrefs import daemon, records, task_records
 from lustrefs.errors import FsxError
 
 FS_ID = "fs-0123456789abcdef0"
@@ -118,7 +118,7 @@ def test_record_helpers_refuse_malformed_ids(home: Path) -> None:
             assert excinfo.value.code == "BadRequest"
     for bad in BAD_TASK_IDS:
         with pytest.raises(FsxError):
-            tasks.load_task(FS_ID, bad)
+            task_records.load_task(FS_ID, bad)
     assert not (home / "filesystems").exists() or not list((home / "filesystems").iterdir())
 
 
@@ -280,7 +280,7 @@ def test_stats_into_a_closed_pipe(s3: Any, bucket: str, mounter: Any) -> None:
 
 WRAPPER = """
 import sys, json
-from lustrefs import cli, control, tasks
+from lustrefs.client import cli, control, tasks
 
 task = json.loads(sys.argv[1])
 marker = sys.argv[2]
@@ -313,7 +313,7 @@ sys.exit(cli.main(sys.argv[3:]))
 def run_wrapped(tmp_path: Path, *argv: str) -> subprocess.Popen[str]:
     now = round(time.time(), 3)
     task = {
-        "TaskId": TASK_ID, "Lifecycle": "PENDING", "Type": tasks.EXPORT, "CreationTime": now,
+        "TaskId": TASK_ID, "Lifecycle": "PENDING", "Type": task_records.EXPORT, "CreationTime": now,
         "FileSystemId": FS_ID, "Paths": [], "Report": {"Enabled": False},
         "Status": {"TotalCount": 0, "SucceededCount": 0, "FailedCount": 0, "LastUpdatedTime": now},
     }  # fmt: skip
@@ -324,7 +324,7 @@ def run_wrapped(tmp_path: Path, *argv: str) -> subprocess.Popen[str]:
 def test_ctrl_c_during_wait_says_the_task_keeps_running(home: Path, tmp_path: Path) -> None:
     save_fs()
     proc = run_wrapped(
-        tmp_path, "create-data-repository-task", "--file-system-id", FS_ID, "--type", tasks.EXPORT,
+        tmp_path, "create-data-repository-task", "--file-system-id", FS_ID, "--type", task_records.EXPORT,
         "--report", "Enabled=false", "--wait",
     )  # fmt: skip
     try:
@@ -339,7 +339,7 @@ def test_ctrl_c_during_wait_says_the_task_keeps_running(home: Path, tmp_path: Pa
     assert f"{TASK_ID} keeps running" in err
     assert f"lustrefs describe-data-repository-tasks --task-ids {TASK_ID}" in err
     assert f"lustrefs cancel-data-repository-task --task-id {TASK_ID}" in err
-    assert tasks.load_task(FS_ID, TASK_ID)["Lifecycle"] == "PENDING"  # type: ignore[index]
+    assert task_records.load_task(FS_ID, TASK_ID)["Lifecycle"] == "PENDING"  # type: ignore[index]
 
 
 def test_ctrl_c_anywhere_exits_130_without_a_traceback(home: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests of lustrefs.control against moto's in-process S3."""
+"""Unit tests of lustrefs.client.control against moto's in-process S3."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 from botocore.stub import Stubber
 from helpers import in_process_moto
 
-from lustrefs import control, records
+from lustrefs import records
+from lustrefs.client import control
 from lustrefs.errors import FsxError
 from lustrefs.s3client import make_client
 

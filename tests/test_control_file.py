@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from helpers import MotoEndpoint, Mounted, create_fs, mount_fs, run_cli
 
-from lustrefs import control_client
+from lustrefs.client import control_client
+from lustrefs.constants import CONTROL_INODE
 from lustrefs.control_channel import Caller
-from lustrefs.namespace import CONTROL_INODE
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024

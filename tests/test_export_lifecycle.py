@@ -17,7 +17,7 @@ import trio
 from inproc import MIB, Ctx, Daemon
 from memrepo import Bucket
 
-from lustrefs.namespace import ROOT_INODE
+from lustrefs.constants import ROOT_INODE
 
 Test = Callable[[trio.Nursery], Awaitable[None]]
 

@@ -9,10 +9,12 @@ import pytest
 import trio
 from helpers import MotoEndpoint
 
-from lustrefs import db
+from lustrefs.constants import ROOT_INODE
 from lustrefs.events import EventLog
-from lustrefs.namespace import ROOT_INODE, Defaults, Namespace
+from lustrefs.loader import Defaults
+from lustrefs.namespace import Namespace
 from lustrefs.repository import Page, Repository, RepositoryError
+from lustrefs.store import db
 
 
 def _namespace(tmp_path: Path, s3: Any, bucket: str) -> Namespace:
@@ -30,8 +32,8 @@ def _entries(ns: Namespace) -> list[str]:
             try:
                 names, after = [], 0
                 while rows := await ns.entries(ROOT_INODE, after):
-                    names += [r["name"] for r in rows]
-                    after = rows[-1]["ino"]
+                    names += [r.name for r in rows]
+                    after = rows[-1].ino
                 return names
             except RepositoryError as exc:
                 return exc

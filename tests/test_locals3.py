@@ -1,4 +1,4 @@
-"""Tests of the embedded local S3 endpoint (lustrefs.locals3) and of the demo's sample data set."""
+"""Tests of the embedded local S3 endpoint (lustrefs.demo.locals3) and of the demo's sample data set."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from lustrefs import records
-from lustrefs.locals3 import (
+from lustrefs.demo.locals3 import (
     SAMPLE_BAD_KEY,
     SAMPLE_BIG_FILES,
     SAMPLE_DIR_MARKER,

@@ -10,12 +10,15 @@ import stat
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import MotoEndpoint, create_fs, run_cli
 
-from lustrefs import cli, hsm, options, records, tasks
+from lustrefs import hsm, options, records, task_records, tasks
+from lustrefs.client import cli
+from lustrefs.client import hsm as hsm_cli
 
 REPORT = "Enabled=true,Path=s3://{bucket}/exp/reports,Format=REPORT_CSV_20191124,Scope=FAILED_FILES_ONLY"
 
@@ -35,13 +38,13 @@ REPORT = "Enabled=true,Path=s3://{bucket}/exp/reports,Format=REPORT_CSV_20191124
     ],
 )  # fmt: skip
 def test_hsm_state_lines_are_lustre_s(flags: int, archive_id: int, line: str) -> None:
-    assert hsm.format_state("/mnt/fsx/a", flags, archive_id) == line
+    assert hsm_cli.format_state("/mnt/fsx/a", flags, archive_id) == line
 
 
 def test_hsm_action_lines_are_lustre_s() -> None:
-    assert hsm.format_action("/f", "NOOP") == "/f: NOOP"
-    assert hsm.format_action("/f", "RESTORE", "running", 1048576) == "/f: RESTORE running (1048576 bytes moved)"
-    assert hsm.format_action("/f", "ARCHIVE", "waiting") == "/f: ARCHIVE waiting (from 0 to EOF)"
+    assert hsm_cli.format_action("/f", "NOOP") == "/f: NOOP"
+    assert hsm_cli.format_action("/f", "RESTORE", "running", 1048576) == "/f: RESTORE running (1048576 bytes moved)"
+    assert hsm_cli.format_action("/f", "ARCHIVE", "waiting") == "/f: ARCHIVE waiting (from 0 to EOF)"
 
 
 def test_hsm_commands_leave_other_file_systems_alone(tmp_path: Path) -> None:
@@ -56,9 +59,10 @@ def test_hsm_commands_leave_other_file_systems_alone(tmp_path: Path) -> None:
     assert os.listxattr(f) == []  # nothing was set on it
 
 
-def row(**kw: Any) -> dict[str, Any]:
+def row(**kw: Any) -> SimpleNamespace:
+    """An inode row as flags_of reads it (attributes)."""
     base = {"mode": stat.S_IFREG | 0o644, "dirty": 0, "etag": "e", "exported_key": None, "key": "k", "size": 10}
-    return base | kw
+    return SimpleNamespace(**(base | kw))
 
 
 @pytest.mark.parametrize(
@@ -72,7 +76,7 @@ def row(**kw: Any) -> dict[str, Any]:
         (row(mode=stat.S_IFDIR | 0o755, etag=None, key="d/"), 0, 0x09),
     ],
 )
-def test_flags_follow_fsx(entry: dict[str, Any], cached: int, flags: int) -> None:
+def test_flags_follow_fsx(entry: SimpleNamespace, cached: int, flags: int) -> None:
     assert hsm.flags_of(entry, cached) == flags  # type: ignore[arg-type]
 
 
@@ -139,18 +143,18 @@ def test_create_task_for_unknown_file_system(home: Path) -> None:
 def test_describe_and_cancel_without_a_daemon(fs: str) -> None:
     now = round(time.time(), 3)
     task = {
-        "TaskId": "task-0123456789abcdef0", "Lifecycle": "PENDING", "Type": tasks.RELEASE, "CreationTime": now,
+        "TaskId": "task-0123456789abcdef0", "Lifecycle": "PENDING", "Type": task_records.RELEASE, "CreationTime": now,
         "FileSystemId": fs, "Paths": [], "Report": {"Enabled": False},
         "Status": {"TotalCount": 0, "SucceededCount": 0, "FailedCount": 0, "LastUpdatedTime": now},
     }  # fmt: skip
-    tasks.save_task(task)
+    task_records.save_task(task)
     rc, out, _ = run_cli("describe-data-repository-tasks", "--filters", f"Name=file-system-id,Values={fs}")
     assert json.loads(out) == {"DataRepositoryTasks": [task]}
     rc, out, _ = run_cli("describe-data-repository-tasks", "--filters", "Name=task-lifecycle,Values=SUCCEEDED,FAILED")
     assert json.loads(out) == {"DataRepositoryTasks": []}
     rc, out, err = run_cli("cancel-data-repository-task", "--task-id", task["TaskId"])
     assert json.loads(out) == {"Lifecycle": "CANCELED", "TaskId": task["TaskId"]}
-    assert tasks.load_task(fs, task["TaskId"])["EndTime"] >= now  # type: ignore[index]
+    assert task_records.load_task(fs, task["TaskId"])["EndTime"] >= now  # type: ignore[index]
     rc, _, err = run_cli("cancel-data-repository-task", "--task-id", task["TaskId"])
     assert rc == 254 and "(DataRepositoryTaskEnded)" in err
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from helpers import LUSTREFS, MotoEndpoint, Mounted, create_fs, wait_for
 
-from lustrefs import cli, options, records, sdnotify
+from lustrefs import options, records, sdnotify
+from lustrefs.client import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "lustrefs@.service"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from helpers import MotoEndpoint, create_fs, mount_fs, run_cli, wait_for
 
-from lustrefs import tasks
+from lustrefs import task_records, tasks
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024
@@ -36,7 +36,7 @@ def describe(*argv: str) -> list[dict[str, Any]]:
 def finished(task_id: str, timeout: float = 60) -> dict[str, Any]:
     def ended() -> dict[str, Any] | None:
         task = describe("--task-ids", task_id)[0]
-        return task if task["Lifecycle"] not in tasks.ACTIVE else None
+        return task if task["Lifecycle"] not in task_records.ACTIVE else None
 
     return wait_for(ended, timeout, f"task {task_id} to end")
 
@@ -62,8 +62,8 @@ def test_export_task_reports_what_it_cannot_export(s3: Any, bucket: str, mounter
     long_file.write_bytes(b"x")
     report = f"Enabled=true,Path=s3://{bucket}/exp/reports,Format=REPORT_CSV_20191124,Scope=FAILED_FILES_ONLY"
 
-    task = create_task(m.fs_id, tasks.EXPORT, str(tree), report=report, wait=True)
-    assert task["Paths"] == ["tree"] and task["Type"] == tasks.EXPORT
+    task = create_task(m.fs_id, task_records.EXPORT, str(tree), report=report, wait=True)
+    assert task["Paths"] == ["tree"] and task["Type"] == task_records.EXPORT
     assert task["TaskId"].startswith("task-") and len(task["TaskId"]) == 22
     assert task["ResourceARN"].endswith(f":task/{task['TaskId']}")
     status = task["Status"]
@@ -84,7 +84,7 @@ def test_cancel_a_running_export_task(s3: Any, bucket: str, mounter: Any) -> Non
     for i in range(800):
         (many / f"f{i:04d}").write_bytes(b"%d" % i)
     wait_for(lambda: "exp/many/" in keys(s3, bucket, "exp/"), 30, "the directory's own export")
-    task = create_task(m.fs_id, tasks.EXPORT, "many")
+    task = create_task(m.fs_id, task_records.EXPORT, "many")
     wait_for(lambda: describe("--task-ids", task["TaskId"])[0]["Status"]["SucceededCount"] > 0, 30, "progress")
     rc, out, err = run_cli("cancel-data-repository-task", "--task-id", task["TaskId"])
     assert rc == 0, err
@@ -108,7 +108,7 @@ def test_release_task_frees_cache_space(s3: Any, bucket: str, mounter: Any) -> N
     (m.path / "data/dirty.txt").write_bytes(b"not exported: not released")
     used = m.stats()["cache"]["used"]
 
-    task = finished(create_task(m.fs_id, tasks.RELEASE, "data")["TaskId"])
+    task = finished(create_task(m.fs_id, task_records.RELEASE, "data")["TaskId"])
     assert task["Lifecycle"] == "SUCCEEDED"
     assert task["Status"]["ReleasedCapacity"] == 4 * MIB
     assert (task["Status"]["TotalCount"], task["Status"]["SucceededCount"]) == (2, 2)
@@ -125,12 +125,12 @@ def test_tasks_wait_in_line_and_survive_a_restart(moto: MotoEndpoint, s3: Any, b
     fs_id = create_fs(moto, f"s3://{bucket}", ExportPath=f"s3://{bucket}/exp")
     now = round(time.time(), 3)
     status = {"TotalCount": 10, "SucceededCount": 3, "FailedCount": 0, "LastUpdatedTime": now}
-    common = {"FileSystemId": fs_id, "Type": tasks.EXPORT, "Paths": [], "Report": {"Enabled": False}}
+    common = {"FileSystemId": fs_id, "Type": task_records.EXPORT, "Paths": [], "Report": {"Enabled": False}}
     # Both left by an earlier daemon, so both created before anything this test creates (describe sorts by time).
     interrupted = {**common, "TaskId": "task-0000000000000000a", "Lifecycle": "EXECUTING", "CreationTime": now - 2}
     queued = {**common, "TaskId": "task-0000000000000000b", "Lifecycle": "PENDING", "CreationTime": now - 1}
-    tasks.save_task({**interrupted, "Status": status, "StartTime": now})
-    tasks.save_task({**queued, "Status": {**status, "SucceededCount": 0}})
+    task_records.save_task({**interrupted, "Status": status, "StartTime": now})
+    task_records.save_task({**queued, "Status": {**status, "SucceededCount": 0}})
     res, m = mount_fs(fs_id, home.parent / "mnt", "export_delay=3600")
     assert m is not None, res.stderr
     try:
@@ -139,16 +139,17 @@ def test_tasks_wait_in_line_and_survive_a_restart(moto: MotoEndpoint, s3: Any, b
         assert finished(queued["TaskId"])["Lifecycle"] == "SUCCEEDED"
 
         (m.path / "f.txt").write_bytes(b"f")
-        one = create_task(fs_id, tasks.EXPORT, "f.txt")
-        two = create_task(fs_id, tasks.RELEASE)
+        one = create_task(fs_id, task_records.EXPORT, "f.txt")
+        two = create_task(fs_id, task_records.RELEASE)
         assert finished(two["TaskId"])["StartTime"] >= finished(one["TaskId"])["EndTime"]  # one at a time
         m.unmount()
         assert [t["TaskId"] for t in describe("--filters", f"Name=file-system-id,Values={fs_id}")] == [
             interrupted["TaskId"], queued["TaskId"], one["TaskId"], two["TaskId"],
         ]  # fmt: skip
         rc, _, err = run_cli(
-            "create-data-repository-task", "--file-system-id", fs_id, "--type", tasks.EXPORT, "--report", NO_REPORT
-        )
+            "create-data-repository-task", "--file-system-id", fs_id, "--type", task_records.EXPORT,
+            "--report", NO_REPORT,
+        )  # fmt: skip
         assert rc == 254 and "(BadRequest)" in err and "is not mounted" in err
     finally:
         m.cleanup()
@@ -160,7 +161,7 @@ def test_import_task_brings_in_new_objects(s3: Any, bucket: str, mounter: Any) -
     assert os.listdir(m.path / "in") == ["old.txt"]
     s3.put_object(Bucket=bucket, Key="in/new.txt", Body=b"new")
     s3.put_object(Bucket=bucket, Key="in/old.txt", Body=b"changed")
-    task = finished(create_task(m.fs_id, tasks.IMPORT, f"s3://{bucket}/in")["TaskId"])
+    task = finished(create_task(m.fs_id, task_records.IMPORT, f"s3://{bucket}/in")["TaskId"])
     assert task["Lifecycle"] == "SUCCEEDED"
     assert task["Status"]["SucceededCount"] == task["Status"]["TotalCount"] == 2
     assert sorted(os.listdir(m.path / "in")) == ["new.txt", "old.txt"]

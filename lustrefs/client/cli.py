@@ -25,9 +25,10 @@ from typing import Any, NoReturn, TextIO
 
 import botocore.exceptions
 
-from . import control, control_client, hsm, records, tasks
-from .errors import FsxError
-from .s3client import make_client
+from .. import records
+from ..errors import FsxError
+from ..s3client import make_client
+from . import control, control_client, hsm, mount, tasks
 
 EXIT_SERVICE_ERROR = 254
 EXIT_USAGE = 252
@@ -226,9 +227,7 @@ def cmd_delete_file_system(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from . import daemon  # imported lazily: the control plane works without the FUSE stack
-
-    return daemon.mount(
+    return mount.mount(
         args.fs_id,
         args.mountpoint,
         options=filter_mount_options(args.options),
@@ -240,9 +239,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from . import daemon
-
-    return daemon.umount(args.mountpoint)
+    return mount.umount(args.mountpoint)
 
 
 # --------------------------------------------------------------------------------- HSM commands (as lfs)
@@ -647,10 +644,8 @@ def _mount_helper(argv: Sequence[str] | None) -> int:
     if args.fake:
         return 0
 
-    def mount() -> int:
-        from . import daemon
-
-        return daemon.mount(
+    def mount_it() -> int:
+        return mount.mount(
             args.fs_id,
             args.mountpoint,
             options=options,
@@ -660,7 +655,7 @@ def _mount_helper(argv: Sequence[str] | None) -> int:
             profile=None,
         )
 
-    return _run(mount, MOUNT_EXIT_FAILURE)
+    return _run(mount_it, MOUNT_EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
-ORPHAN = 0  # parent of unlinked inodes (lustrefs.namespace)
+from .inodes import COLUMNS, ORPHAN, Inode
+
 DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
 
 
@@ -159,12 +160,7 @@ class ExportLedger:
         )
         return {r[0] for r in rows}
 
-    def readers_of(self, key: str, etag: str | None = None) -> list[sqlite3.Row]:
-        """Entries (live or unlinked and still open) whose clean data is the object ``key`` (at ``etag``) and
-        that have bytes to read from it."""
-        sql = "SELECT * FROM inodes WHERE key = ? AND etag IS NOT NULL AND src_limit > 0 AND (dirty & ?) = 0"
-        args: tuple[object, ...] = (key, DATA)
-        if etag is not None:
-            sql += " AND etag = ?"
-            args += (etag,)
-        return self.conn.execute(sql, args).fetchall()
+    def readers_of(self, key: str) -> list[Inode]:
+        """Entries (live, or unlinked) whose clean data is the object ``key`` and that have bytes to read from it."""
+        sql = f"SELECT {COLUMNS} FROM inodes WHERE key = ? AND etag IS NOT NULL AND src_limit > 0 AND (dirty & ?) = 0"
+        return [Inode(*r) for r in self.conn.execute(sql, (key, DATA))]

@@ -25,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import records
+from .. import records
+from ..mounts import mounted_at
 from .locals3 import (
     SAMPLE_BAD_KEY,
     SAMPLE_BIG_FILES,
@@ -40,7 +41,7 @@ from .locals3 import (
 
 BUCKET = "lustrefs-demo"
 IMPORT_PREFIX = "data/"
-CLI = [sys.executable, "-m", "lustrefs.cli"]
+CLI = [sys.executable, "-m", "lustrefs.client.cli"]
 CMD_TIMEOUT = 60.0  # one ordinary command on the mount
 MOUNT_TIMEOUT = 120.0
 UMOUNT_TIMEOUT = 60.0
@@ -78,22 +79,10 @@ def shown(cmd: Sequence[str | os.PathLike[str]]) -> str:
 
 def is_mounted(path: Path) -> bool:
     """Whether ``path`` is a mount point, from /proc/self/mountinfo (never touches the file system itself)."""
-    target = os.fspath(path)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
-                    return True
+        return bool(mounted_at(os.fspath(path)))
     except OSError:
         return os.path.ismount(path)
-    return False
-
-
-def _unescape_mountinfo(field: str) -> str:
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
 
 
 def _tail(path: Path, n: int = 15) -> str:

@@ -1,0 +1,259 @@
+"""The ``inodes`` and ``whiteouts`` tables: the tree, its names and attributes, as ``Inode`` records.
+
+lustrefs.namespace changes the tree through this store; lustrefs.importer, lustrefs.tasks and the FUSE layer read
+it. The export state columns (``dirty``, ``exported_key`` and the data location an export records) are written by
+lustrefs.store.exports only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+from ..constants import ROOT_INODE
+
+ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
+IMPLIED = ""  # meta_etag of an entry whose attributes need no HEAD (no object, or set locally)
+_TYPE_BITS = stat.S_IFMT(0xFFFF)  # the file type bits of st_mode, for queries on the type
+
+
+@dataclass(frozen=True, slots=True)
+class Inode:
+    """One row of ``inodes`` (docs in the schema, lustrefs.store.db)."""
+
+    ino: int
+    parent: int
+    name: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    key: str
+    etag: str | None
+    src_limit: int
+    meta_etag: str | None
+    listed: int
+    target: str | None
+    dirty: int
+    data_gen: int
+    exported_key: str | None
+    import_etag: str | None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_orphan(self) -> bool:
+        return self.parent == ORPHAN
+
+
+COLUMNS = ", ".join(f.name for f in fields(Inode))
+_SELECT = f"SELECT {COLUMNS} FROM inodes"
+# Attributes a setattr may change (the FUSE layer's names are the columns').
+SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "src_limit"})
+
+
+def _inode(row: Iterable[object] | None) -> Inode | None:
+    return None if row is None else Inode(*row)  # type: ignore[arg-type]
+
+
+class InodeStore:
+    """Typed access to ``inodes`` and ``whiteouts`` on one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # ------------------------------------------------------------------------------------- reading
+
+    def find(self, ino: int) -> Inode | None:
+        return _inode(self.conn.execute(f"{_SELECT} WHERE ino = ?", (ino,)).fetchone())
+
+    def child(self, parent: int, name: str) -> Inode | None:
+        """The entry ``name`` of directory ``parent`` (the root is nobody's child)."""
+        row = self.conn.execute(
+            f"{_SELECT} WHERE parent = ? AND name = ? AND ino != ?", (parent, name, ROOT_INODE)
+        ).fetchone()
+        return _inode(row)
+
+    def children(self, parent: int) -> list[Inode]:
+        rows = self.conn.execute(f"{_SELECT} WHERE parent = ? AND ino != ?", (parent, ROOT_INODE))
+        return [Inode(*r) for r in rows]
+
+    def child_inos(self, parent: int) -> list[int]:
+        rows = self.conn.execute("SELECT ino FROM inodes WHERE parent = ? AND ino != ?", (parent, ROOT_INODE))
+        return [r[0] for r in rows]
+
+    def has_children(self, parent: int) -> bool:
+        sql = "SELECT 1 FROM inodes WHERE parent = ? AND ino != ? LIMIT 1"
+        return self.conn.execute(sql, (parent, ROOT_INODE)).fetchone() is not None
+
+    def page(self, parent: int, after: int, limit: int, hidden: str | None = None) -> list[Inode]:
+        """Up to ``limit`` entries of ``parent`` above inode ``after``, in inode (listing) order; ``hidden``: a
+        name at the root that is not listed."""
+        rows = self.conn.execute(
+            f"{_SELECT} WHERE parent = ? AND ino > ? AND ino != ? AND NOT (parent = ? AND name IS ?)"
+            " ORDER BY ino LIMIT ?",
+            (parent, after, ROOT_INODE, ROOT_INODE, hidden, limit),
+        )
+        return [Inode(*r) for r in rows]
+
+    def files_after(self, parent: int, ino: int, limit: int) -> list[Inode]:
+        """The next ``limit`` regular files of ``parent`` after inode ``ino``, in listing order."""
+        rows = self.conn.execute(
+            f"{_SELECT} WHERE parent = ? AND ino > ? AND (mode & ?) = ? ORDER BY ino LIMIT ?",
+            (parent, ino, _TYPE_BITS, stat.S_IFREG, limit),
+        )
+        return [Inode(*r) for r in rows]
+
+    def unlisted_subdirs(self, parent: int) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT ino FROM inodes WHERE parent = ? AND listed = 0 AND (mode & ?) = ? AND ino != ?",
+            (parent, _TYPE_BITS, stat.S_IFDIR, ROOT_INODE),
+        )
+        return [r[0] for r in rows]
+
+    def loaded_dirs(self) -> list[tuple[int, int]]:
+        """(ino, parent) of live directories listed, or partly known through lookups."""
+        rows = self.conn.execute(
+            "SELECT ino, parent FROM inodes AS d WHERE (mode & ?) = ? AND parent != ? AND (listed = 1 OR EXISTS"
+            " (SELECT 1 FROM inodes AS c WHERE c.parent = d.ino AND c.ino != c.parent))",
+            (_TYPE_BITS, stat.S_IFDIR, ORPHAN),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def awaiting_head(self) -> list[int]:
+        """Entries whose POSIX metadata has not been read yet."""
+        return [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE meta_etag IS NULL")]
+
+    def orphans(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE parent = ?", (ORPHAN,))]
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM inodes").fetchone()[0]
+
+    # ------------------------------------------------------------------------------------- writing
+
+    def insert(
+        self,
+        *,
+        parent: int,
+        name: str,
+        mode: int,
+        owner: tuple[int, int],
+        key: str,
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+        etag: str | None,
+        src_limit: int,
+        meta_etag: str | None,
+        exported_key: str | None,
+        import_etag: str | None,
+        ino: int | None = None,
+    ) -> int:
+        """Insert an entry; returns its inode number (never reused: AUTOINCREMENT)."""
+        cur = self.conn.execute(
+            "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
+            " src_limit, meta_etag, exported_key, import_etag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ino, parent, name, mode, *owner, size, mtime_ns, mtime_ns, ctime_ns, key, etag, src_limit, meta_etag,
+             exported_key, import_etag),
+        )  # fmt: skip
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def delete(self, ino: int) -> None:
+        self.conn.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+
+    def move(self, ino: int, parent: int, name: str) -> None:
+        """Give ``ino`` a new place in the tree (``ORPHAN`` and ``#ino``: detached)."""
+        self.conn.execute("UPDATE inodes SET parent = ?, name = ? WHERE ino = ?", (parent, name, ino))
+
+    def set_listed(self, ino: int) -> None:
+        self.conn.execute("UPDATE inodes SET listed = 1 WHERE ino = ?", (ino,))
+
+    def set_target(self, ino: int, target: str, size: int) -> None:
+        self.conn.execute("UPDATE inodes SET target = ?, size = ? WHERE ino = ?", (target, size, ino))
+
+    def set_times(self, ino: int, mtime_ns: int, ctime_ns: int) -> None:
+        self.conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (mtime_ns, ctime_ns, ino))
+
+    def set_attrs(self, ino: int, changes: dict[str, int]) -> None:
+        """Set some of ``SETTABLE`` (a setattr)."""
+        assert changes and set(changes) <= SETTABLE, changes
+        sets = ", ".join(f"{column} = ?" for column in changes)
+        self.conn.execute(f"UPDATE inodes SET {sets} WHERE ino = ?", (*changes.values(), ino))
+
+    def wrote(self, ino: int, end: int, now_ns: int) -> None:
+        """Data was written up to ``end``: size, mtime, ctime and the change counter."""
+        self.conn.execute(
+            "UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, data_gen = data_gen + 1 WHERE ino = ?",
+            (end, now_ns, now_ns, ino),
+        )
+
+    def set_meta_implied(self, ino: int) -> None:
+        """No object to read attributes from (an implied directory, a file deleted since it was listed)."""
+        self.conn.execute("UPDATE inodes SET meta_etag = ? WHERE ino = ?", (IMPLIED, ino))
+
+    def apply_meta(
+        self,
+        ino: int,
+        *,
+        mode: int,
+        owner: tuple[int, int],
+        mtime_ns: int,
+        atime_ns: int,
+        size: int,
+        etag: str | None,
+        meta_etag: str,
+        ctime_ns: int,
+    ) -> None:
+        """The attributes an object's HEAD gave (``meta_etag``: the version they belong to)."""
+        self.conn.execute(
+            "UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
+            " meta_etag = ?, ctime_ns = ?, src_limit = ? WHERE ino = ?",
+            (mode, *owner, mtime_ns, atime_ns, size, etag, meta_etag, ctime_ns, size, ino),
+        )
+
+    def make_dir(self, ino: int, mode: int, key: str, meta_etag: str | None, ctime_ns: int) -> None:
+        """A file turns out to be a directory (a directory wins over a file of the same name)."""
+        self.conn.execute(
+            "UPDATE inodes SET mode = ?, size = 0, key = ?, etag = NULL, meta_etag = ?, target = NULL, ctime_ns = ?"
+            " WHERE ino = ?",
+            (mode, key, meta_etag, ctime_ns, ino),
+        )
+
+    def reimport(
+        self, ino: int, key: str, etag: str, size: int, mtime_ns: int, ctime_ns: int, meta: str | None
+    ) -> None:
+        """The object of a clean file changed in S3: its new version, size and time (``meta``: meta_etag)."""
+        self.conn.execute(
+            "UPDATE inodes SET key = ?, etag = ?, import_etag = ?, size = ?, src_limit = ?, mtime_ns = ?,"
+            " ctime_ns = ?, meta_etag = ?, target = NULL WHERE ino = ?",
+            (key, etag, etag, size, size, mtime_ns, ctime_ns, meta, ino),
+        )
+
+    def set_import_etag(self, ino: int, etag: str | None) -> None:
+        """The object at the entry's path as last imported (None: created or moved here locally)."""
+        self.conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (etag, ino))
+
+    def sync(self, ino: int) -> None:
+        """A write in the caller's durable transaction (fsync): commits make every earlier commit durable."""
+        self.conn.execute("UPDATE inodes SET size = size WHERE ino = ?", (ino,))
+
+    # ------------------------------------------------------------------------------------- whiteouts
+
+    def whiteout(self, parent: int, name: str) -> None:
+        """``name`` was removed or renamed away locally: the importer does not bring its object back."""
+        self.conn.execute("INSERT OR IGNORE INTO whiteouts (parent, name) VALUES (?, ?)", (parent, name))
+
+    def drop_whiteout(self, parent: int, name: str) -> None:
+        self.conn.execute("DELETE FROM whiteouts WHERE parent = ? AND name = ?", (parent, name))
+
+    def whiteouts(self, parent: int) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM whiteouts WHERE parent = ?", (parent,))}
