@@ -210,6 +210,7 @@ class Importer:
             spec = paths.listing_for(dir_key, self.ns.import_prefix)
             if spec is None or spec.only_child is not None:
                 return
+            since = self.ns.exports.clock  # changes of this mount after this are newer than the listing
             dirs: set[str] = set()
             files: dict[str, ObjectInfo] = {}
 
@@ -219,10 +220,17 @@ class Importer:
 
             # Keys that are no POSIX names were reported when the directory was first listed.
             result.requests += await listing.each_page(self.repo, spec, collect, on_skip=lambda key, why: None)
-            self._apply(ino, dir_key, dirs, files, policy, result)
+            self._apply(ino, dir_key, dirs, files, policy, result, since)
 
     def _apply(
-        self, parent: int, dir_key: str, dirs: set[str], files: dict[str, ObjectInfo], policy: str, result: PollResult
+        self,
+        parent: int,
+        dir_key: str,
+        dirs: set[str],
+        files: dict[str, ObjectInfo],
+        policy: str,
+        result: PollResult,
+        since: int,
     ) -> None:
         """Apply one directory's listing to SQLite, as the policy allows (in one transaction)."""
         conn, inodes = self.ns.conn, self.ns.inodes
@@ -233,9 +241,15 @@ class Importer:
         local = {r.name: r for r in inodes.children(parent)}
         whiteouts = inodes.whiteouts(parent)
         files = {n: o for n, o in files.items() if n not in dirs}  # a directory wins over a file
-        ours = self.ns.exports.own_keys_under(dir_key)  # objects this mount is writing or deleting: not imports
+        # This mount's own objects are no imports: those it is writing or deleting, and those it wrote or deleted
+        # since the listing began (the listing may predate the change). Unknown history: nothing is decided.
+        recent = self.ns.exports.changed_since(since)
+        if recent is None:
+            return
+        ours = self.ns.exports.own_keys_under(dir_key) | recent
         dirs = {n for n in dirs if dir_key + n + "/" not in ours}
         files = {n: o for n, o in files.items() if o.key not in ours}
+        settled = {n: r for n, r in local.items() if dir_key + n not in ours and dir_key + n + "/" not in ours}
         with db.transaction(conn):
             for name in whiteouts - dirs - files.keys():  # gone from S3 too: forget the whiteout
                 inodes.drop_whiteout(parent, name)
@@ -250,11 +264,11 @@ class Importer:
                 result.new += 1
             if policy in ("NEW_CHANGED", "NEW_CHANGED_DELETED"):
                 for name, obj in files.items():
-                    row = local.get(name)
+                    row = settled.get(name)
                     if row is not None and stat.S_ISREG(row.mode):
                         self._changed(row, obj, result)
             if policy == "NEW_CHANGED_DELETED":
-                for name, row in local.items():
+                for name, row in settled.items():
                     if name not in dirs and name not in files and row.import_etag is not None:
                         self._deleted(row, result)
 

@@ -174,6 +174,7 @@ class MemoryRepository:
                 entries[key] = ObjectInfo(key, len(o.body), o.etag, o.mtime_ns)
         names = sorted(n for n in entries if token is None or n > token)
         page, more = names[:max_keys], len(names) > max_keys
+        await self._answer("LIST", prefix)  # the listing is taken: the bucket may change before it arrives
         return Page(
             [n for n in page if entries[n] is None],
             [entries[n] for n in page if entries[n] is not None],  # type: ignore[misc]

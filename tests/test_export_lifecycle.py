@@ -430,3 +430,40 @@ def test_an_import_does_not_bring_back_an_object_the_export_is_deleting(tmp_path
         await d.stop()
 
     run(test)
+
+
+def test_a_listing_older_than_an_export_does_not_undo_it(tmp_path: Path) -> None:
+    """A poll's listing taken before this mount exported (or deleted) a key must not decide about that key: it
+    would delete the file just exported (NEW_CHANGED_DELETED) or bring back an object just deleted."""
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, import_policy="NEW_CHANGED_DELETED")
+        await d.start(nursery)
+        await d.write_file("gone", b"x")
+        await d.settled()
+        put = store.gate("PUT", "f")
+        await d.write_file("f", b"exported while the listing is on its way")
+        await put.wait_arrived()
+        listed = store.gate("LIST", "", after=True)
+        polled = trio.Event()
+
+        async def poll() -> None:
+            await d.importer.poll()
+            polled.set()
+
+        nursery.start_soon(poll)
+        await listed.wait_arrived()  # the listing shows "gone" and no "f"
+        put.open()
+        await d.unlink("gone")
+        await d.settled()
+        listed.open()
+        with trio.fail_after(10):
+            await polled.wait()
+        assert await d.read_file("f") == b"exported while the listing is on its way"
+        with pytest.raises(FileNotFoundError):
+            await d.resolve("gone")
+        assert set(store.objects) == {"f"}
+        await d.stop()
+
+    run(test)

@@ -19,11 +19,13 @@ the final tree decides whether it is kept (it is some live entry's ``exported_ke
 
 from __future__ import annotations
 
+import collections
 import sqlite3
 import time
 
 from .inodes import COLUMNS, ORPHAN, Inode
 
+MAX_CHANGES = 100_000  # keys whose last change the ledger remembers in memory (for importers' stale listings)
 DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
 
 
@@ -32,6 +34,29 @@ class ExportLedger:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        # In memory: a clock of this mount's writes and deletions in the export prefix, and each key's last one.
+        # A listing taken before a change must not decide about that key (lustrefs.importer).
+        self.clock = 0
+        self._changes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._forgotten = 0  # the clock of the newest change no longer remembered
+
+    def _changed(self, key: str) -> None:
+        self.clock += 1
+        self._changes[key] = self.clock
+        self._changes.move_to_end(key)
+        if len(self._changes) > MAX_CHANGES:
+            self._forgotten = self._changes.popitem(last=False)[1]
+
+    def changed_since(self, clock: int) -> set[str] | None:
+        """Keys this mount wrote, deleted or queued for deletion after ``clock``; None if it cannot tell."""
+        if clock < self._forgotten:
+            return None
+        out = set()
+        for key, at in reversed(self._changes.items()):
+            if at <= clock:
+                break
+            out.add(key)
+        return out
 
     # ------------------------------------------------------------------------------------- local changes
 
@@ -76,6 +101,7 @@ class ExportLedger:
         A deletion of ``key`` still queued is void (the export replaces the object), and another entry that was
         exported to ``key`` before (it has been renamed or removed since) no longer has its object there.
         """
+        self._changed(key)
         self.conn.execute(
             "INSERT INTO export_intents (key, ino, since_ns) VALUES (?, ?, ?)", (key, ino, time.time_ns())
         )
@@ -85,6 +111,7 @@ class ExportLedger:
     def abandon(self, key: str) -> None:
         """The request writing ``key`` failed, or a crash left its outcome unknown: the object may exist. It is
         deleted unless a live entry is exported there (its next export writes it again)."""
+        self._changed(key)
         self.conn.execute("DELETE FROM export_intents WHERE key = ?", (key,))
         if not self.live(key):
             self.queue_delete(key)
@@ -97,6 +124,7 @@ class ExportLedger:
         old one can go.
         """
         row = self.conn.execute("SELECT exported_key, data_gen, src_limit FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        self._changed(key)
         self.conn.execute("DELETE FROM export_intents WHERE key = ?", (key,))
         old, unchanged = row[0], row[1] == gen
         self.conn.execute("UPDATE inodes SET exported_key = ? WHERE ino = ?", (key, ino))
@@ -134,6 +162,7 @@ class ExportLedger:
         )
 
     def queue_delete(self, key: str) -> None:
+        self._changed(key)
         self.conn.execute("INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)", (key, time.time_ns()))
 
     def pending_deletes(self) -> list[str]:
@@ -147,6 +176,7 @@ class ExportLedger:
 
     def deleted(self, key: str) -> None:
         """The deletion of ``key`` is done (or void: the policy refuses it, or a live entry is there)."""
+        self._changed(key)
         self.conn.execute("DELETE FROM pending_deletes WHERE key = ?", (key,))
 
     def own_keys_under(self, prefix: str) -> set[str]:
