@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import CONTROL_NAME  # the daemon's control file at the mount root: reserved there
+from lustrefs.constants import CONTROL_NAME
 
 NAME_MAX = 255
 

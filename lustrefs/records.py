@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import FsxError
+from lustrefs.errors import FsxError
 
 # The ids that name files and directories (anchored at the end: ``match`` works as ``fullmatch``).
 FILE_SYSTEM_ID = re.compile(r"fs-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")  # FSx's ids; new ones have 17 digits

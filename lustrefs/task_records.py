@@ -1,7 +1,7 @@
 """Data repository task records, read and written by both sides (standard library only, no trio).
 
 Each task is kept as JSON in ``<fs dir>/tasks/<task-id>.json``, written atomically. The daemon
-(lustrefs.tasks.TaskRunner) writes them as it runs tasks; the CLI (lustrefs.client.tasks) reads them for
+(lustrefs.daemon.tasks.TaskRunner) writes them as it runs tasks; the CLI (lustrefs.client.tasks) reads them for
 DescribeDataRepositoryTasks and ``--wait``, and writes them when it cancels a task that no daemon runs.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import records
+from lustrefs import records
 
 EXPORT = "EXPORT_TO_REPOSITORY"
 IMPORT = "IMPORT_METADATA_FROM_REPOSITORY"

@@ -1,9 +1,9 @@
 """A lustrefs daemon in the test's own trio run, on an in-memory repository: the core without FUSE.
 
-``Daemon`` builds the same graph as lustrefs.daemon (``lustrefs.core.Core``) on a state directory that outlives
-it. ``crash()`` stops it the way ``kill -9`` would: its database connection is closed
-first (an open transaction is lost), its repository client stops reaching the bucket, and its tasks are
-abandoned; a new ``Daemon`` on the same directory is the next mount.
+``Daemon`` builds the same graph as the daemon process (``lustrefs.daemon.core.Core``) on a state directory that
+outlives it. ``crash()`` stops it the way ``kill -9`` would: its database connection is closed first (an open
+transaction is lost), its repository client stops reaching the bucket, and its tasks are abandoned; a new ``Daemon``
+on the same directory is the next mount.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import trio
 from memrepo import Bucket, MemoryRepository
 
 from lustrefs.constants import ROOT_INODE
-from lustrefs.core import Core, Settings
+from lustrefs.daemon.core import Core, Settings
 from lustrefs.events import EventLog
 from lustrefs.store import db
 

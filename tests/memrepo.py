@@ -1,6 +1,6 @@
 """An in-memory data repository with fault injection: the test seam of the core (no FUSE, no HTTP).
 
-``MemoryRepository`` has the interface of :class:`lustrefs.repository.Repository` (``ObjectStore``) over a
+``MemoryRepository`` has the interface of :class:`lustrefs.s3.repository.Repository` (``ObjectStore``) over a
 ``Bucket`` in memory, which can make requests fail, take time, return cut bodies, hang until their bound, or stop
 at a gate until the test lets them go on. Each daemon of a test gets its own ``MemoryRepository`` on the shared
 bucket; ``kill()`` makes it a crashed process's: nothing it does reaches the bucket any more (an upload in
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from lustrefs.repository import NotFound, ObjectInfo, Page, RepositoryError, Unavailable, VersionChanged
+from lustrefs.s3.repository import NotFound, ObjectInfo, Page, RepositoryError, Unavailable, VersionChanged
 
 OPS = ("LIST", "HEAD", "GET", "PUT", "COPY", "DELETE")
 
@@ -130,7 +130,7 @@ class Bucket:
 
 
 class MemoryRepository:
-    """One daemon's client of a ``Bucket``; the async methods are those lustrefs.repository.Repository offers."""
+    """One daemon's client of a ``Bucket``; the async methods are those lustrefs.s3.repository.Repository offers."""
 
     def __init__(self, store: Bucket) -> None:
         self.store = store

@@ -21,10 +21,11 @@ import pytest
 import trio
 from helpers import LUSTREFS, MotoEndpoint, create_fs, mount_fs
 
-from lustrefs import daemon, options, records, s3client
+from lustrefs import options, records, s3client
 from lustrefs.client import mount
-from lustrefs.fastpath import FastPath
-from lustrefs.repository import Repository, Unavailable
+from lustrefs.daemon import process as daemon
+from lustrefs.s3.fastpath import FastPath
+from lustrefs.s3.repository import Repository, Unavailable
 
 IO_TIMEOUT = 1.5  # seconds: the bound the tests ask for
 SLACK = 3.0  # seconds of scheduling slack on a loaded two-core machine

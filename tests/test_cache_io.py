@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lustrefs import daemon
+from lustrefs.daemon import process as daemon
 from lustrefs.data import diskio, model
 from tests.helpers import wait_for
 

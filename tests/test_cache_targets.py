@@ -13,10 +13,10 @@ import pytest
 import trio
 from helpers import MotoEndpoint, create_fs, run_cli
 
-from lustrefs import cache, daemon
-from lustrefs.cache import Buffer, Cache, FileData, ObjectVersion
 from lustrefs.client import mount
-from lustrefs.data import diskio
+from lustrefs.daemon import process as daemon
+from lustrefs.data import cache, diskio
+from lustrefs.data.cache import Buffer, Cache, FileData, ObjectVersion
 from lustrefs.store import db
 
 PART = 64 * 1024

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from helpers import LUSTREFS, run_cli, wait_for
 
-from lustrefs import daemon, records, task_records
+from lustrefs import records, task_records
+from lustrefs.daemon import process as daemon
 from lustrefs.errors import FsxError
 
 FS_ID = "fs-0123456789abcdef0"
@@ -200,15 +201,15 @@ def daemon_logging(path: Path) -> Iterator[Path]:
 
 def test_log_lines_escape_control_characters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = logging.getLogger("lustrefs.test")
-    key = "a\r\n2024-01-01 00:00:00,000 ERROR lustrefs.fs: forged\x1b[2J\x00\x7f\x9b\u2028."
+    key = "a\r\n2024-01-01 00:00:00,000 ERROR lustrefs.daemon.fs: forged\x1b[2J\x00\x7f\x9b\u2028."
     with daemon_logging(tmp_path / "daemon.log") as logfile:
         log.warning("object %s changed", key)
         log.info("plain text stays: café ü 日本\ttab %d%% C:\\dir", 5)
     lines = logfile.read_text().splitlines()
     assert len(lines) == 2, lines
     assert lines[0].endswith(
-        " WARNING lustrefs.test: object a\\r\\n2024-01-01 00:00:00,000 ERROR lustrefs.fs: forged\\x1b[2J\\x00\\x7f"
-        "\\x9b\\u2028. changed"
+        " WARNING lustrefs.test: object a\\r\\n2024-01-01 00:00:00,000 ERROR lustrefs.daemon.fs: forged"
+        "\\x1b[2J\\x00\\x7f\\x9b\\u2028. changed"
     )
     assert lines[1].endswith(" INFO lustrefs.test: plain text stays: café ü 日本\ttab 5% C:\\dir")
     assert capsys.readouterr().err.splitlines() == lines  # the stderr handler formats the same way

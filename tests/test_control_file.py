@@ -19,7 +19,7 @@ from helpers import MotoEndpoint, Mounted, create_fs, mount_fs, run_cli
 
 from lustrefs.client import control_client
 from lustrefs.constants import CONTROL_INODE
-from lustrefs.control_channel import Caller
+from lustrefs.daemon.control_channel import Caller
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024

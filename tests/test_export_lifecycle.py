@@ -319,7 +319,7 @@ def test_export_retries_back_off_and_unmount_reports_what_is_left(tmp_path: Path
 
 
 def test_backoff_is_bounded_for_any_number_of_failures() -> None:
-    from lustrefs.writeback import MAX_BACKOFF, backoff
+    from lustrefs.sync.exporter import MAX_BACKOFF, backoff
 
     assert backoff(1) == 2.0
     assert backoff(1024) == backoff(10**6) == MAX_BACKOFF

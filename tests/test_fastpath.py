@@ -8,8 +8,8 @@ import boto3
 import pytest
 import trio
 
-from lustrefs.fastpath import FastPath
-from lustrefs.repository import NotFound, Repository, VersionChanged
+from lustrefs.s3.fastpath import FastPath
+from lustrefs.s3.repository import NotFound, Repository, VersionChanged
 
 KEYS = ["plain.bin", "a b/c d.txt", "ünï/cödé", "x+y=z&w", "p%25q", "tilde~/semi;colon", "dir/'quote'(paren)*"]
 

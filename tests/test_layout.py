@@ -8,8 +8,8 @@ import sys
 CHECK = (
     "import lustrefs.client.cli, sys; "
     "bad = {m for m in sys.modules if m.split('.')[0] in ('trio','pyfuse3')} "
-    "| {m for m in sys.modules if m in ('lustrefs.namespace','lustrefs.cache','lustrefs.writeback',"
-    "'lustrefs.importer','lustrefs.fs')}; "
+    "| {m for m in sys.modules if m in ('lustrefs.tree.namespace','lustrefs.data.cache','lustrefs.sync.exporter',"
+    "'lustrefs.sync.importer','lustrefs.daemon.fs')}; "
     "assert not bad, bad"
 )
 

@@ -11,10 +11,10 @@ from helpers import MotoEndpoint
 
 from lustrefs.constants import ROOT_INODE
 from lustrefs.events import EventLog
-from lustrefs.loader import Defaults
-from lustrefs.namespace import Namespace
-from lustrefs.repository import Page, Repository, RepositoryError
+from lustrefs.s3.repository import Page, Repository, RepositoryError
 from lustrefs.store import db
+from lustrefs.tree.loader import Defaults
+from lustrefs.tree.namespace import Namespace
 
 
 def _namespace(tmp_path: Path, s3: Any, bucket: str) -> Namespace:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from helpers import MotoEndpoint, create_fs, run_cli
 
-from lustrefs import hsm, options, records, task_records, tasks
+from lustrefs import options, records, task_records
 from lustrefs.client import cli
 from lustrefs.client import hsm as hsm_cli
+from lustrefs.daemon import hsm, tasks
 
 REPORT = "Enabled=true,Path=s3://{bucket}/exp/reports,Format=REPORT_CSV_20191124,Scope=FAILED_FILES_ONLY"
 

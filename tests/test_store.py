@@ -9,12 +9,13 @@ import pytest
 import trio
 from memrepo import Bucket, MemoryRepository
 
-from lustrefs import listing, paths
+from lustrefs import paths
 from lustrefs.constants import ROOT_INODE
 from lustrefs.store import db
 from lustrefs.store.cacheparts import LOCAL, CachePartStore
 from lustrefs.store.exports import DATA, META, ExportLedger
 from lustrefs.store.inodes import ORPHAN, InodeStore
+from lustrefs.tree import listing
 
 
 @pytest.fixture

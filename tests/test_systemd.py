@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from helpers import LUSTREFS, MotoEndpoint, Mounted, create_fs, wait_for
 
-from lustrefs import options, records, sdnotify
+from lustrefs import options, records
 from lustrefs.client import cli
+from lustrefs.daemon import sdnotify
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "lustrefs@.service"

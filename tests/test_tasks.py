@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from helpers import MotoEndpoint, create_fs, mount_fs, run_cli, wait_for
 
-from lustrefs import task_records, tasks
+from lustrefs import task_records
+from lustrefs.daemon import tasks
 
 pytestmark = pytest.mark.fuse
 MIB = 1024 * 1024

@@ -25,10 +25,10 @@ from typing import Any, NoReturn, TextIO
 
 import botocore.exceptions
 
-from .. import records
-from ..errors import FsxError
-from ..s3client import make_client
-from . import control, control_client, hsm, mount, tasks
+from lustrefs import records
+from lustrefs.client import control, control_client, hsm, mount, tasks
+from lustrefs.errors import FsxError
+from lustrefs.s3client import make_client
 
 EXIT_SERVICE_ERROR = 254
 EXIT_USAGE = 252

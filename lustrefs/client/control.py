@@ -24,9 +24,9 @@ from typing import Any
 
 import botocore.exceptions
 
-from .. import records
-from ..errors import FsxError
-from ..s3client import S3Url
+from lustrefs import records
+from lustrefs.errors import FsxError
+from lustrefs.s3client import S3Url
 
 CREATE = "CreateFileSystem"
 DESCRIBE = "DescribeFileSystems"

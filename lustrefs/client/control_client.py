@@ -1,6 +1,6 @@
 """The client side of the control channel: one request to the daemon serving a path (the CLI, the benchmarks).
 
-The daemon's side, :mod:`lustrefs.control_channel`, describes the protocol. :func:`request` finds the root of
+The daemon's side, :mod:`lustrefs.daemon.control_channel`, describes the protocol. :func:`request` finds the root of
 the mount holding ``path`` (the parents up to where the device changes), opens its ``.lustrefs`` read-write,
 writes the request about ``path``'s inode (``st_ino`` is the daemon's inode number) and reads the response.
 ``stats`` opens it read-only and only reads: that also works on a ``-o ro`` mount, where the other requests
@@ -15,7 +15,7 @@ import os
 import stat
 from typing import Any
 
-from ..constants import CONTROL_INODE, CONTROL_NAME, ROOT_INODE
+from lustrefs.constants import CONTROL_INODE, CONTROL_NAME, ROOT_INODE
 
 READ_SIZE = 64 * 1024
 

@@ -1,12 +1,12 @@
 """HSM commands, the CLI's side: ``lustrefs hsm_*`` ask the daemon through the mount and print what Lustre's
 ``lfs hsm_*`` print, so FSx scripts work with ``lfs`` replaced by ``lustrefs``. The daemon's side (states,
-archive, release, restore) is lustrefs.hsm.
+archive, release, restore) is lustrefs.daemon.hsm.
 """
 
 from __future__ import annotations
 
-from ..constants import HS_ARCHIVED, HS_DIRTY, HS_EXISTS, HS_LOST, HS_NOARCHIVE, HS_NORELEASE, HS_RELEASED
-from . import control_client
+from lustrefs.client import control_client
+from lustrefs.constants import HS_ARCHIVED, HS_DIRTY, HS_EXISTS, HS_LOST, HS_NOARCHIVE, HS_NORELEASE, HS_RELEASED
 
 # The flags in the order ``lfs hsm_state`` prints them.
 FLAG_NAMES = (

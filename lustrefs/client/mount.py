@@ -1,8 +1,8 @@
 """``lustrefs mount`` and ``lustrefs umount``: the checks before a mount, starting the daemon, waiting for it.
 
 ``mount`` checks everything that can fail early (record, options, mount point, bucket access), then starts
-a detached daemon process (``python -m lustrefs.daemon``, which plans the mount again with :func:`plan`)
-and returns once the mount answers; with ``--foreground`` it serves in this process instead (lustrefs.daemon
+a detached daemon process (``python -m lustrefs.daemon.process``, which plans the mount again with :func:`plan`)
+and returns once the mount answers; with ``--foreground`` it serves in this process instead (lustrefs.daemon.process
 is imported only then). ``umount`` unmounts, then waits for the daemon's export and its exit status file.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import options, records, s3client
-from ..errors import FsxError
-from ..mounts import mounted_at, tune_kernel
+from lustrefs import options, records, s3client
+from lustrefs.errors import FsxError
+from lustrefs.mounts import mounted_at, tune_kernel
 
 MOUNT_FAILURE = 32  # mount(8)'s exit status for "mount failure"
 READY_TIMEOUT = 60.0
@@ -126,14 +126,14 @@ def mount(
         print(f"lustrefs mount: {exc}", file=sys.stderr)
         return MOUNT_FAILURE
     if foreground:
-        from .. import daemon  # serves in this process (systemd): only here does the CLI load the FUSE stack
+        from lustrefs.daemon import process as daemon
 
         return daemon.serve(p, ready_fd=None)
     return _start_daemon(p)
 
 
 def _daemon_argv(p: MountPlan, ready_fd: int) -> list[str]:
-    argv = [sys.executable, "-m", "lustrefs.daemon", p.fs_id, p.mountpoint, "--ready-fd", str(ready_fd)]
+    argv = [sys.executable, "-m", "lustrefs.daemon.process", p.fs_id, p.mountpoint, "--ready-fd", str(ready_fd)]
     argv += ["-o", options.to_string(p.opts)]
     for flag, value in (("--endpoint-url", p.endpoint_url), ("--region", p.region), ("--profile", p.profile)):
         if value:

@@ -3,8 +3,8 @@ CancelDataRepositoryTask, and ``--wait``.
 
 Tasks work on the data in a daemon's cache, so they need the file system mounted. The CLI validates a
 request, then hands the new task to the daemon through the mount's control file (the ``task`` request on the
-mount root, its value the task JSON; cancel: ``task_cancel``, see lustrefs.control_channel). The daemon
-(lustrefs.tasks) runs tasks one at a time in creation order (the others wait as PENDING) and keeps each one
+mount root, its value the task JSON; cancel: ``task_cancel``, see lustrefs.daemon.control_channel). The daemon
+(lustrefs.daemon.tasks) runs tasks one at a time in creation order (the others wait as PENDING) and keeps each one
 as a record (lustrefs.task_records), which ``describe`` reads without the daemon. A task no daemon runs is
 cancelled in its record.
 """
@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import records
-from ..errors import FsxError
-from ..s3client import S3Url
-from ..task_records import (
+from lustrefs import records
+from lustrefs.client import control_client
+from lustrefs.errors import FsxError
+from lustrefs.s3client import S3Url
+from lustrefs.task_records import (
     ACTIVE,
     IMPORT,
     RELEASE,
@@ -36,7 +37,6 @@ from ..task_records import (
     save_task,
     timestamp,
 )
-from . import control_client
 
 CREATE = "CreateDataRepositoryTask"
 DESCRIBE = "DescribeDataRepositoryTasks"

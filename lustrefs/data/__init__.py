@@ -1,4 +1,4 @@
-"""The data cache's parts, behind the ``lustrefs.cache.Cache`` facade (the rest of the daemon uses that).
+"""The data cache's parts, behind the ``lustrefs.data.cache.Cache`` facade (the rest of the daemon uses that).
 
 - ``model``: the values it works on (``ObjectVersion``, ``FileData``, ``CacheStats``, ``Buffer``);
 - ``diskio``: the system calls on part files (whole-part writes, ``O_DIRECT``, ``RWF_NOWAIT`` reads, fsync);

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .model import Buffer
+from lustrefs.data.model import Buffer
 
 DIRECT_MIN = 256 * 1024  # smaller parts go through the page cache: an O_DIRECT write waits for the device
 _ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and lengths (covers 512- and 4096-byte sectors)

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..repository import ObjectStore, RepositoryError
-from ..store.cacheparts import PartKey
-from . import diskio
-from .model import Buffer, CacheStats, ObjectVersion, first_error, joined
-from .parts import DiskParts
+from lustrefs.data import diskio
+from lustrefs.data.model import Buffer, CacheStats, ObjectVersion, first_error, joined
+from lustrefs.data.parts import DiskParts
+from lustrefs.s3.repository import ObjectStore, RepositoryError
+from lustrefs.store.cacheparts import PartKey
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ thread). Truncate, adopt, drop and release run to completion on the trio thread.
 
 from __future__ import annotations
 
-from ..store.cacheparts import LOCAL
-from .fetch import SMALL_READ, Fetcher
-from .model import Buffer, CacheStats, FileData, ObjectVersion, joined
-from .parts import DiskParts
+from lustrefs.data.fetch import SMALL_READ, Fetcher
+from lustrefs.data.model import Buffer, CacheStats, FileData, ObjectVersion, joined
+from lustrefs.data.parts import DiskParts
+from lustrefs.store.cacheparts import LOCAL
 
 
 class LocalData:

@@ -33,10 +33,10 @@ from typing import Any
 
 import trio
 
-from ..store import db
-from ..store.cacheparts import LOCAL, CachePartStore, PartKey
-from . import diskio
-from .model import Buffer, CacheStats
+from lustrefs.data import diskio
+from lustrefs.data.model import Buffer, CacheStats
+from lustrefs.store import db
+from lustrefs.store.cacheparts import LOCAL, CachePartStore, PartKey
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from .run import main
+from lustrefs.demo.run import main
 
 sys.exit(main())

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from ..s3client import make_client
+from lustrefs.s3client import make_client
 
 HOST = "127.0.0.1"
 TEST_CREDENTIALS = {

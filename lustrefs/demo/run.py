@@ -25,9 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .. import records
-from ..mounts import mounted_at
-from .locals3 import (
+from lustrefs import records
+from lustrefs.demo.locals3 import (
     SAMPLE_BAD_KEY,
     SAMPLE_BIG_FILES,
     SAMPLE_DIR_MARKER,
@@ -38,6 +37,7 @@ from .locals3 import (
     ensure_test_credentials,
     populate_sample,
 )
+from lustrefs.mounts import mounted_at
 
 BUCKET = "lustrefs-demo"
 IMPORT_PREFIX = "data/"
@@ -387,7 +387,7 @@ class Demo:
 
     def daemon_pids(self) -> set[int]:
         """PIDs of this run's mount daemon: from ``<home>/<fs-id>/mount.json``, and any process whose command
-        line runs ``lustrefs.daemon`` for this run's (unique) file system id, in case mount.json is not
+        line runs ``lustrefs.daemon.process`` for this run's (unique) file system id, in case mount.json is not
         written yet."""
         assert self.fs_id is not None
         pids: set[int] = set()
@@ -398,7 +398,7 @@ class Demo:
                 continue
             with contextlib.suppress(OSError):
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if b"lustrefs.daemon" in argv and self.fs_id.encode() in argv:
+                if b"lustrefs.daemon.process" in argv and self.fs_id.encode() in argv:
                     pids.add(int(proc.name))
         pids.discard(os.getpid())
         return {p for p in pids if records.process_alive(p)}

@@ -2,7 +2,7 @@
 
 The columns and tables it owns: ``inodes.dirty`` and ``inodes.exported_key``, the location of a file's clean
 data after an export (``key``, ``etag``, ``src_limit``, ``import_etag``), ``export_intents`` and
-``pending_deletes``. lustrefs.writeback drives the state machine below through it; lustrefs.namespace reports
+``pending_deletes``. lustrefs.sync.exporter drives the state machine below through it; lustrefs.tree.namespace reports
 local changes and removals to it. Every method runs in the caller's transaction.
 
 The life of one export of an entry (docs/SEMANTICS.md, "Export")::
@@ -23,7 +23,7 @@ import collections
 import sqlite3
 import time
 
-from .inodes import COLUMNS, ORPHAN, Inode
+from lustrefs.store.inodes import COLUMNS, ORPHAN, Inode
 
 MAX_CHANGES = 100_000  # keys whose last change the ledger remembers in memory (for importers' stale listings)
 DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
@@ -35,7 +35,7 @@ class ExportLedger:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         # In memory: a clock of this mount's writes and deletions in the export prefix, and each key's last one.
-        # A listing taken before a change must not decide about that key (lustrefs.importer).
+        # A listing taken before a change must not decide about that key (lustrefs.sync.importer).
         self.clock = 0
         self._changes: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._forgotten = 0  # the clock of the newest change no longer remembered

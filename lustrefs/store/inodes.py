@@ -1,8 +1,8 @@
 """The ``inodes`` and ``whiteouts`` tables: the tree, its names and attributes, as ``Inode`` records.
 
-lustrefs.namespace changes the tree through this store; lustrefs.importer, lustrefs.tasks and the FUSE layer read
-it. The export state columns (``dirty``, ``exported_key`` and the data location an export records) are written by
-lustrefs.store.exports only.
+lustrefs.tree.namespace changes the tree through this store; lustrefs.sync.importer, lustrefs.daemon.tasks and the
+FUSE layer read it. The export state columns (``dirty``, ``exported_key`` and the data location an export records)
+are written by lustrefs.store.exports only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
-from ..constants import ROOT_INODE
+from lustrefs.constants import ROOT_INODE
 
 ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
 IMPLIED = ""  # meta_etag of an entry whose attributes need no HEAD (no object, or set locally)

@@ -1,6 +1,6 @@
 """Data repository tasks, the daemon's side: ``TaskRunner`` runs the tasks that the CLI (lustrefs.client.tasks)
 validated and handed over through the mount's control file (the ``task`` request on the mount root, its value
-the task JSON; cancel: ``task_cancel``, see lustrefs.control_channel). Tasks run one at a time in creation order
+the task JSON; cancel: ``task_cancel``, see lustrefs.daemon.control_channel). Tasks run one at a time in creation order
 (the others wait as PENDING); each one is kept as a record (lustrefs.task_records), which the CLI reads.
 
 After a restart, a task that was EXECUTING when its daemon stopped is FAILED (files already processed stay
@@ -22,21 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import hsm
-from .constants import ROOT_INODE
-from .errors import NoEntry
-from .hsm import ActionError
-from .repository import RepositoryError
-from .s3client import S3Url
-from .store.inodes import ORPHAN
-from .task_records import EXPORT, IMPORT, RELEASE, TASK_ID, TYPES, list_tasks, load_task, save_task
-from .task_records import end as _end
-from .task_records import locked as _locked
-from .task_records import timestamp as _now
+from lustrefs.constants import ROOT_INODE
+from lustrefs.daemon import hsm
+from lustrefs.daemon.hsm import ActionError
+from lustrefs.errors import NoEntry
+from lustrefs.s3.repository import RepositoryError
+from lustrefs.s3client import S3Url
+from lustrefs.store.inodes import ORPHAN
+from lustrefs.task_records import EXPORT, IMPORT, RELEASE, TASK_ID, TYPES, list_tasks, load_task, save_task
+from lustrefs.task_records import end as _end
+from lustrefs.task_records import locked as _locked
+from lustrefs.task_records import timestamp as _now
 
 if TYPE_CHECKING:
-    from .namespace import Namespace
-    from .writeback import Writeback
+    from lustrefs.sync.exporter import Writeback
+    from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The daemon process: the wiring of a mount and its lifecycle (``python -m lustrefs.daemon``).
+"""The daemon process: the wiring of a mount and its lifecycle (``python -m lustrefs.daemon.process``).
 
 ``lustrefs mount`` (lustrefs.client.mount) checks the mount request and starts this process, which plans the
 mount again, serves it and tells the command READY through a pipe; ``mount --foreground`` calls :func:`serve`
@@ -24,19 +24,20 @@ import boto3
 import pyfuse3
 import trio
 
-from . import options, records, s3client, sdnotify
-from .cache import Cache
-from .client.mount import EXIT_FILE, MOUNT_FAILURE, MountError, MountPlan, plan
-from .core import Core, Settings
-from .errors import FsxError
-from .events import EventLog
-from .fastpath import FastPath
-from .importer import read_policy
-from .loader import Defaults
-from .repository import Repository
-from .store import db
-from .store.cacheparts import CachePartStore
-from .writeback import EVENTS
+from lustrefs import options, records, s3client
+from lustrefs.client.mount import EXIT_FILE, MOUNT_FAILURE, MountError, MountPlan, plan
+from lustrefs.daemon import sdnotify
+from lustrefs.daemon.core import Core, Settings
+from lustrefs.data.cache import Cache
+from lustrefs.errors import FsxError
+from lustrefs.events import EventLog
+from lustrefs.s3.fastpath import FastPath
+from lustrefs.s3.repository import Repository
+from lustrefs.store import db
+from lustrefs.store.cacheparts import CachePartStore
+from lustrefs.sync.exporter import EVENTS
+from lustrefs.sync.importer import read_policy
+from lustrefs.tree.loader import Defaults
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def write_exit_status(home: Path, pid: int, left: list[tuple[str, str]]) -> None
 
 
 def _setup_logging(level: str, logfile: Path | None) -> None:
-    from .events import SafeFormatter  # every line is a record's: control characters (in S3 keys…) are escaped
+    from lustrefs.events import SafeFormatter
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if logfile is not None and not _stderr_is(logfile):

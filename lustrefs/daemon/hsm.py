@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .cache import ObjectVersion, first_error
-from .constants import HS_ARCHIVED, HS_DIRTY, HS_EXISTS, HS_RELEASED
-from .repository import VersionChanged
-from .store.inodes import Inode
+from lustrefs.constants import HS_ARCHIVED, HS_DIRTY, HS_EXISTS, HS_RELEASED
+from lustrefs.data.cache import ObjectVersion, first_error
+from lustrefs.s3.repository import VersionChanged
+from lustrefs.store.inodes import Inode
 
 if TYPE_CHECKING:
 
-    from .cache import Cache
-    from .namespace import Namespace
-    from .writeback import Writeback
+    from lustrefs.data.cache import Cache
+    from lustrefs.sync.exporter import Writeback
+    from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 

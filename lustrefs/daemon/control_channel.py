@@ -2,12 +2,12 @@
 
 The ``lustrefs`` CLI (through :mod:`lustrefs.client.control_client`) opens ``<mount>/.lustrefs`` read-write, writes
 one request and reads the response from offset 0 to the end of file. It replaced ``user.lustrefs.*`` extended
-attributes, which forced the daemon to answer every ``getxattr`` (two per entry of ``ls -l``); lustrefs.fs now
+attributes, which forced the daemon to answer every ``getxattr`` (two per entry of ``ls -l``); lustrefs.daemon.fs now
 answers xattr requests ENOSYS, and the kernel stops sending them.
 
 The file has a reserved inode number (``namespace.CONTROL_INODE``), is not listed by ``readdir``, and its name is
 reserved at the root (``paths.CONTROL_NAME``): an S3 object of that name there is skipped with an event, and the
-namespace refuses to create, remove or rename it (EPERM). lustrefs.fs routes the requests about it here. It is
+namespace refuses to create, remove or rename it (EPERM). lustrefs.daemon.fs routes the requests about it here. It is
 opened with ``direct_io``: the kernel keeps no pages of it and sends every read here, whatever its size (always
 0). Each open handle holds one request and its response; a later write starts a new request. A handle opened
 read-only reads as the response to ``stats``: ``cat <mount>/.lustrefs`` shows the counters, and ``lustrefs stats``
@@ -62,17 +62,17 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import stats
-from .cache import Cache
-from .constants import CONTROL_INODE, ROOT_INODE
-from .errors import NoEntry
-from .hsm import ActionError, Hsm
-from .importer import Importer
-from .namespace import Namespace
-from .paths import CONTROL_NAME
-from .store.inodes import ORPHAN
-from .tasks import TaskRunner
-from .writeback import Writeback
+from lustrefs.constants import CONTROL_INODE, ROOT_INODE
+from lustrefs.daemon import stats
+from lustrefs.daemon.hsm import ActionError, Hsm
+from lustrefs.daemon.tasks import TaskRunner
+from lustrefs.data.cache import Cache
+from lustrefs.errors import NoEntry
+from lustrefs.paths import CONTROL_NAME
+from lustrefs.store.inodes import ORPHAN
+from lustrefs.sync.exporter import Writeback
+from lustrefs.sync.importer import Importer
+from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class _Session:
 
 
 class ControlFile:
-    """The file ``.lustrefs`` at the mount root, as the FUSE handlers (lustrefs.fs) see it."""
+    """The file ``.lustrefs`` at the mount root, as the FUSE handlers (lustrefs.daemon.fs) see it."""
 
     def __init__(self, control: Control) -> None:
         self.control = control

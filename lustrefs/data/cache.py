@@ -20,12 +20,12 @@ from pathlib import Path
 
 import trio
 
-from .data.fetch import SMALL_READ, Fetcher
-from .data.local import LocalData
-from .data.model import Buffer, CacheStats, FileData, ObjectVersion, first_error
-from .data.parts import DiskParts
-from .repository import ObjectStore
-from .store.cacheparts import LOCAL, PartKey
+from lustrefs.data.fetch import SMALL_READ, Fetcher
+from lustrefs.data.local import LocalData
+from lustrefs.data.model import Buffer, CacheStats, FileData, ObjectVersion, first_error
+from lustrefs.data.parts import DiskParts
+from lustrefs.s3.repository import ObjectStore
+from lustrefs.store.cacheparts import LOCAL, PartKey
 
 __all__ = [
     "LOCAL",

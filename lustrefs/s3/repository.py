@@ -16,8 +16,8 @@ from typing import Any, Protocol, TypeVar
 import botocore.exceptions
 import trio
 
-from .fastpath import FastPath, user_metadata
-from .s3client import parse_timestamp
+from lustrefs.s3.fastpath import FastPath, user_metadata
+from lustrefs.s3client import parse_timestamp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,7 +141,7 @@ class Repository:
         copy_timeout: float = 300.0,
     ) -> None:
         self.client = client
-        self.fast = fast  # GETs and HEADs go this way first (lustrefs.fastpath)
+        self.fast = fast  # GETs and HEADs go this way first (lustrefs.s3.fastpath)
         self.bucket = bucket
         self.kms_key_id = kms_key_id
         self.limiter = trio.CapacityLimiter(max_connections)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .cache import Cache
-from .namespace import Namespace
+from lustrefs.data.cache import Cache
+from lustrefs.tree.namespace import Namespace
 
 
 @dataclass
 class FuseCounters:
-    """Counts of FUSE requests kept by the request handlers (lustrefs.fs)."""
+    """Counts of FUSE requests kept by the request handlers (lustrefs.daemon.fs)."""
 
     # getxattr, setxattr, listxattr and removexattr that reached the daemon. They are answered ENOSYS, after which
     # the kernel sends no more of that kind on the connection: at most one of each per mount.
@@ -22,7 +22,7 @@ def snapshot(ns: Namespace, cache: Cache, fuse: FuseCounters | None = None) -> d
     """Requests made, cache use per target, hits and misses, inode count, FUSE request counts."""
     return {
         "requests": dict(ns.repo.requests),
-        # GETs and HEADs answered by the fast path, and those it left to boto3 (errors, retries; lustrefs.fastpath)
+        # GETs and HEADs answered by the fast path, and those it left to boto3 (errors, retries; lustrefs.s3.fastpath)
         "fast_path": {"answered": fast.answered, "passed": fast.passed} if (fast := ns.repo.fast) else None,
         "cache": {
             "capacity": cache.capacity,

@@ -5,7 +5,7 @@ repository, the event log and the ``Settings`` — and builds, in order: the nam
 the kernel notifier, the importer, the HSM and task services, the control channel and the FUSE ``Operations``.
 Components that call each other both ways get their callbacks at construction (closures over this object), never
 set afterwards. ``run`` owns the nursery of every background task; ``export_all`` is the unmount's export.
-lustrefs.daemon adds the process around it (FUSE session, signals, logs, exit status); tests/inproc.py runs the
+lustrefs.daemon.process adds the process around it (FUSE session, signals, logs, exit status); tests/inproc.py runs the
 same graph on an in-memory repository without FUSE.
 """
 
@@ -18,18 +18,18 @@ from pathlib import Path
 
 import trio
 
-from .cache import Cache
-from .control_channel import Control
-from .events import EventLog
-from .fs import Operations
-from .hsm import Hsm
-from .importer import Importer, Notifier
-from .loader import Defaults
-from .namespace import Namespace
-from .prefetch import Prefetcher
-from .repository import ObjectStore
-from .tasks import TaskRunner
-from .writeback import EVENTS, ExportTarget, Writeback
+from lustrefs.daemon.control_channel import Control
+from lustrefs.daemon.fs import Operations
+from lustrefs.daemon.hsm import Hsm
+from lustrefs.daemon.tasks import TaskRunner
+from lustrefs.data.cache import Cache
+from lustrefs.data.prefetch import Prefetcher
+from lustrefs.events import EventLog
+from lustrefs.s3.repository import ObjectStore
+from lustrefs.sync.exporter import EVENTS, ExportTarget, Writeback
+from lustrefs.sync.importer import Importer, Notifier
+from lustrefs.tree.loader import Defaults
+from lustrefs.tree.namespace import Namespace
 
 FILES_AHEAD = 16  # small files of a directory prefetched after the one opened
 

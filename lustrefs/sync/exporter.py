@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import Cache, FileData, ObjectVersion, first_error
-from .constants import ROOT_INODE
-from .errors import NoEntry
-from .events import EventLog
-from .metadata import to_user_metadata
-from .namespace import Namespace
-from .repository import MAX_DELETE_BATCH, AccessDenied, NotFound, ObjectStore, RepositoryError
-from .store import db
-from .store.exports import DATA, ORPHAN
-from .store.inodes import Inode
+from lustrefs.constants import ROOT_INODE
+from lustrefs.data.cache import Cache, FileData, ObjectVersion, first_error
+from lustrefs.errors import NoEntry
+from lustrefs.events import EventLog
+from lustrefs.metadata import to_user_metadata
+from lustrefs.s3.repository import MAX_DELETE_BATCH, AccessDenied, NotFound, ObjectStore, RepositoryError
+from lustrefs.store import db
+from lustrefs.store.exports import DATA, ORPHAN
+from lustrefs.store.inodes import Inode
+from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 

@@ -19,18 +19,19 @@ from typing import Any, ParamSpec, TypeVar
 import cachetools
 import pyfuse3
 
-from . import control_channel, paths
-from .cache import Buffer, Cache, FileData, ObjectVersion
-from .constants import CONTROL_INODE
-from .control_channel import Control, ControlFile
-from .errors import NoEntry
-from .namespace import Namespace
-from .prefetch import Prefetcher, ReadAhead
-from .repository import RepositoryError, VersionChanged
-from .store import db
-from .store.exports import DATA
-from .store.inodes import Inode
-from .writeback import Writeback
+from lustrefs import paths
+from lustrefs.constants import CONTROL_INODE
+from lustrefs.daemon import control_channel
+from lustrefs.daemon.control_channel import Control, ControlFile
+from lustrefs.data.cache import Buffer, Cache, FileData, ObjectVersion
+from lustrefs.data.prefetch import Prefetcher, ReadAhead
+from lustrefs.errors import NoEntry
+from lustrefs.s3.repository import RepositoryError, VersionChanged
+from lustrefs.store import db
+from lustrefs.store.exports import DATA
+from lustrefs.store.inodes import Inode
+from lustrefs.sync.exporter import Writeback
+from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 

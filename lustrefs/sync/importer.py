@@ -31,14 +31,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import listing, paths
-from .cache import Cache, first_error
-from .constants import ROOT_INODE
-from .errors import FsxError
-from .events import EventLog
-from .namespace import Namespace
-from .repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, Unavailable
-from .store import db
+from lustrefs import paths
+from lustrefs.constants import ROOT_INODE
+from lustrefs.data.cache import Cache, first_error
+from lustrefs.errors import FsxError
+from lustrefs.events import EventLog
+from lustrefs.s3.repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, Unavailable
+from lustrefs.store import db
+from lustrefs.tree import listing
+from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 

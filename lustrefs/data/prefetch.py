@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import cachetools
 
-from .cache import Cache, ObjectVersion
+from lustrefs.data.cache import Cache, ObjectVersion
 
 
 @dataclass

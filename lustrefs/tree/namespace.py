@@ -21,17 +21,17 @@ from collections.abc import Callable
 
 import trio
 
-from . import paths
-from .cache import first_error
-from .constants import ROOT_INODE
-from .errors import NoEntry
-from .events import EventLog
-from .heads import MetadataLoader
-from .loader import Defaults, TreeLoader
-from .repository import ObjectStore
-from .store import db
-from .store.exports import DATA, META, ExportLedger
-from .store.inodes import IMPLIED, ORPHAN, Inode, InodeStore
+from lustrefs import paths
+from lustrefs.constants import ROOT_INODE
+from lustrefs.data.cache import first_error
+from lustrefs.errors import NoEntry
+from lustrefs.events import EventLog
+from lustrefs.s3.repository import ObjectStore
+from lustrefs.store import db
+from lustrefs.store.exports import DATA, META, ExportLedger
+from lustrefs.store.inodes import IMPLIED, ORPHAN, Inode, InodeStore
+from lustrefs.tree.heads import MetadataLoader
+from lustrefs.tree.loader import Defaults, TreeLoader
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import metadata
-from .errors import NoEntry
-from .events import EventLog
-from .repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, RepositoryError
-from .store.inodes import Inode, InodeStore
+from lustrefs import metadata
+from lustrefs.errors import NoEntry
+from lustrefs.events import EventLog
+from lustrefs.s3.repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, RepositoryError
+from lustrefs.store.inodes import Inode, InodeStore
 
 log = logging.getLogger(__name__)
 

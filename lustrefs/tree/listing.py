@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import paths
-from .cache import first_error
-from .repository import ObjectInfo, ObjectStore, Page
+from lustrefs import paths
+from lustrefs.data.cache import first_error
+from lustrefs.s3.repository import ObjectInfo, ObjectStore, Page
 
 
 @dataclass

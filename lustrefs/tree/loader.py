@@ -1,10 +1,10 @@
 """Loading the tree from S3: lazy directory listings, targeted lookups, and entries that appear or change in S3.
 
 A directory's entries are loaded the first time it is looked up in or listed, one ``ListObjectsV2`` page per
-transaction (lustrefs.listing), in a background task so that a lookup waits only until the listing has passed its
+transaction (lustrefs.tree.listing), in a background task so that a lookup waits only until the listing has passed its
 name. A single name in a directory not listed yet is resolved with one small LIST; the second such lookup starts
 the directory's listing in the background. Each new entry's POSIX metadata is queued for the HEAD pool
-(lustrefs.heads). The importer adds, re-imports and (through the namespace) removes entries with the primitives
+(lustrefs.tree.heads). The importer adds, re-imports and (through the namespace) removes entries with the primitives
 at the end.
 
 Await points: LIST requests (listings, targeted lookups), the HEAD of ``reload_unread``. State: the listings in
@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 import cachetools
 import trio
 
-from . import listing, paths
-from .constants import ROOT_INODE
-from .errors import NoEntry
-from .events import EventLog
-from .heads import MetadataLoader
-from .repository import NotFound, ObjectInfo, ObjectStore, RepositoryError
-from .store import db
-from .store.exports import DATA
-from .store.inodes import IMPLIED, Inode, InodeStore
+from lustrefs import paths
+from lustrefs.constants import ROOT_INODE
+from lustrefs.errors import NoEntry
+from lustrefs.events import EventLog
+from lustrefs.s3.repository import NotFound, ObjectInfo, ObjectStore, RepositoryError
+from lustrefs.store import db
+from lustrefs.store.exports import DATA
+from lustrefs.store.inodes import IMPLIED, Inode, InodeStore
+from lustrefs.tree import listing
+from lustrefs.tree.heads import MetadataLoader
 
 log = logging.getLogger(__name__)
 
