@@ -94,7 +94,10 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 class Demo:
-    """One run of the demo: what it started, so that :meth:`cleanup` can undo exactly that."""
+    """One run of the demo: what it started, so that :meth:`cleanup` can undo exactly that.
+
+    A script more than a component: its steps read top to bottom, and each needs what the previous one started.
+    """
 
     def __init__(self, mountpoint: Path, keep_state: bool, wait: bool) -> None:
         self.mountpoint = mountpoint

@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
 -- Keys an export may be writing right now (PUT, COPY or multipart upload): recorded before the request is sent
 -- and removed in the transaction that records its outcome, so a crash never leaves an object nobody knows of.
 -- Every object lustrefs may have created in the export prefix is an entry's exported_key, an intent here, or a
--- pending delete (lustrefs.exports owns these three).
+-- pending delete (lustrefs.store.exports owns these three).
 CREATE TABLE IF NOT EXISTS export_intents (
     key        TEXT PRIMARY KEY,                  -- S3 key being written (one request per key at a time)
     ino        INTEGER NOT NULL,                  -- inode being exported there

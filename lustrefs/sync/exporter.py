@@ -1,6 +1,6 @@
 """Export: writing new and changed entries back to the export prefix, and deleting removed ones.
 
-The exporter drives each entry through the state machine of lustrefs.exports (dirty -> uploading -> new key
+The exporter drives each entry through the state machine of lustrefs.store.exports (dirty -> uploading -> new key
 recorded -> old key deleted -> clean), which is the only writer of the export state. An entry is dirty in
 SQLite from the local change until its export is recorded, so nothing is lost to a crash: at start-up every
 dirty entry is exported again, and every key an interrupted request may have written (its intent) has its
@@ -89,7 +89,12 @@ class Failure:
 
 
 class Writeback:
-    """The exporter: one trio task scheduling exports, a few running at once."""
+    """The exporter: one trio task scheduling exports, a few running at once.
+
+    Longer than the other classes on purpose: scheduling, the export of an entry, deletions and the recovery of
+    intents are one state machine over one set of key locks (``_State.busy``) and one rule (``_protect``); split
+    apart, each piece would need the others' state.
+    """
 
     def __init__(
         self,
