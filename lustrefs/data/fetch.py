@@ -199,7 +199,7 @@ class Fetcher:
         with self.disk.in_flight(end - start):  # counted until indexed
             try:
                 try:
-                    self.disk.make_room(end - start)
+                    self.disk.make_room(0)  # room for what in_flight counts, the run itself, not twice that
                     view = memoryview(await self.repo.get_range(obj.key, obj.etag, start, end))
                 except BaseException as exc:
                     fetch.error = exc if isinstance(exc, Exception) else RepositoryError("fetch cancelled")
