@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ class PosixMeta:
     gid: int | None = None
     mtime_ns: int | None = None
     atime_ns: int | None = None
+    rdev: int | None = None  # a device's number (``x-amz-meta-file-rdev``, ``major,minor``)
 
 
 def parse_mode(value: str | None) -> int | None:
@@ -48,6 +50,14 @@ def parse_time(value: str | None) -> int | None:
     return None
 
 
+def parse_rdev(value: str | None) -> int | None:
+    """``x-amz-meta-file-rdev``: ``<major>,<minor>`` in decimal (lustrefs's header for device nodes)."""
+    if not value or not (m := re.fullmatch(r"\s*(\d{1,10}),(\d{1,10})\s*", value)):
+        return None
+    major, minor = int(m[1]), int(m[2])
+    return os.makedev(major, minor) if major < 2**12 and minor < 2**20 else None
+
+
 def from_user_metadata(meta: dict[str, str]) -> PosixMeta:
     """Parse boto3's ``Metadata`` dict (keys without the ``x-amz-meta-`` prefix, lower case)."""
     m = {k.lower(): v for k, v in meta.items()}
@@ -57,12 +67,14 @@ def from_user_metadata(meta: dict[str, str]) -> PosixMeta:
         gid=parse_id(m.get("file-group")),
         mtime_ns=parse_time(m.get("file-mtime")),
         atime_ns=parse_time(m.get("file-atime")),
+        rdev=parse_rdev(m.get("file-rdev")),
     )
 
 
-def to_user_metadata(mode: int, uid: int, gid: int, mtime_ns: int, atime_ns: int) -> dict[str, str]:
-    """The ``x-amz-meta-*`` headers FSx writes on export (boto3 ``Metadata`` form)."""
-    return {
+def to_user_metadata(mode: int, uid: int, gid: int, mtime_ns: int, atime_ns: int, rdev: int = 0) -> dict[str, str]:
+    """The ``x-amz-meta-*`` headers FSx writes on export (boto3 ``Metadata`` form); device nodes also carry
+    ``file-rdev``."""
+    meta = {
         "file-permissions": f"0{mode:o}",
         "file-owner": str(uid),
         "file-group": str(gid),
@@ -70,3 +82,6 @@ def to_user_metadata(mode: int, uid: int, gid: int, mtime_ns: int, atime_ns: int
         "file-atime": f"{atime_ns}ns",
         "user-agent": "lustrefs",
     }
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        meta["file-rdev"] = f"{os.major(rdev)},{os.minor(rdev)}"
+    return meta

@@ -29,6 +29,7 @@ class MountOptions:
     dir_mode: int = 0o755
     allow_other: bool = False
     ro: bool = False
+    nodev: bool = False  # device nodes neither opened (the kernel) nor imported from S3 (always so unless root)
     endpoint_url: str | None = None  # None = the endpoint remembered at create time
     log_level: str = "info"
     posix_metadata: bool = True  # HEAD each object for x-amz-meta-file-* (off: listing attributes only)
@@ -81,9 +82,9 @@ def parse_options(text: str | None) -> MountOptions:
     for item in filter(None, (text or "").split(",")):
         name, sep, value = item.partition("=")
         name = name.strip()
-        if name in ("allow_other", "ro", "rw") and not sep:
-            if name == "rw":
-                opts.ro = False
+        if name in ("allow_other", "ro", "rw", "nodev", "dev") and not sep:
+            if name in ("rw", "dev"):
+                setattr(opts, "ro" if name == "rw" else "nodev", False)
             else:
                 setattr(opts, name, True)
             continue
@@ -138,7 +139,7 @@ def to_string(opts: MountOptions) -> str:
             out.append("cache_dir=" + ":".join(value))
         elif f.name == "cache_size_gib":
             out.append(f"cache_size={value}")
-        elif f.name in ("allow_other", "ro"):
+        elif f.name in ("allow_other", "ro", "nodev"):
             out.append(f.name)
         elif f.name in ("file_mode", "dir_mode"):
             out.append(f"{f.name}={value:o}")

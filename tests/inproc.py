@@ -61,6 +61,7 @@ class Daemon:
         capacity: int = 256 * MIB,
         policy: frozenset[str] = frozenset({"NEW", "CHANGED", "DELETED"}),
         import_policy: str = "NONE",
+        devices: bool = True,
     ) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
@@ -83,6 +84,7 @@ class Daemon:
             import_policy=lambda: import_policy,
             poll_interval=3600.0,  # polled by the test (``importer.poll()``), not on a timer
             read_ahead=0,
+            devices=devices,
         )
         self.core = Core(self.conn, self.repo, self.events, settings)
         self.ns, self.cache, self.writeback = self.core.ns, self.core.cache, self.core.writeback
@@ -145,13 +147,13 @@ class Daemon:
             ino = attrs.st_ino
         return ino
 
-    async def _parent(self, path: str) -> tuple[int, bytes]:
+    async def parent_of(self, path: str) -> tuple[int, bytes]:
         head, _, name = path.rpartition("/")
         return await self.resolve(head), name.encode()
 
     async def write_file(self, path: str, data: bytes, close: bool = True) -> int:
         """Create (or truncate) ``path`` and write ``data``; returns the open handle if ``close`` is False."""
-        parent, name = await self._parent(path)
+        parent, name = await self.parent_of(path)
         try:
             ino = await self.resolve(path)
             fh = (await self.ops.open(ino, os.O_WRONLY | os.O_TRUNC, Ctx())).fh
@@ -177,18 +179,18 @@ class Daemon:
         return bytes(await self.ops.read(fh, 0, size)) if size else b""
 
     async def mkdir(self, path: str) -> None:
-        parent, name = await self._parent(path)
+        parent, name = await self.parent_of(path)
         await self.ops.mkdir(parent, name, 0o755, Ctx())
 
     async def unlink(self, path: str) -> None:
         ino = await self.resolve(path)
-        parent, name = await self._parent(path)
+        parent, name = await self.parent_of(path)
         await self.ops.unlink(parent, name, Ctx())
         await self._evicted(ino)
 
     async def rmdir(self, path: str) -> None:
         ino = await self.resolve(path)
-        parent, name = await self._parent(path)
+        parent, name = await self.parent_of(path)
         await self.ops.rmdir(parent, name, Ctx())
         await self._evicted(ino)
 
@@ -199,12 +201,12 @@ class Daemon:
             await self.ops.forget([(ino, count)])
 
     async def rename(self, old: str, new: str) -> None:
-        p1, n1 = await self._parent(old)
-        p2, n2 = await self._parent(new)
+        p1, n1 = await self.parent_of(old)
+        p2, n2 = await self.parent_of(new)
         await self.ops.rename(p1, n1, p2, n2, 0, Ctx())
 
     async def symlink(self, path: str, target: str) -> None:
-        parent, name = await self._parent(path)
+        parent, name = await self.parent_of(path)
         await self.ops.symlink(parent, name, target.encode(), Ctx())
 
     async def chmod(self, path: str, mode: int) -> None:

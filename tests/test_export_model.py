@@ -38,6 +38,7 @@ op = st.one_of(
     st.tuples(st.just("unlink"), path),
     st.tuples(st.just("rename"), path, path),
     st.tuples(st.just("symlink"), path, st.sampled_from(["t", "../x", "a/b/c"])),
+    st.tuples(st.just("mknod"), path, st.sampled_from([stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR])),
     st.tuples(st.just("chmod"), path, st.sampled_from([0o600, 0o640, 0o755])),
     st.tuples(st.just("open_unlink_read"), path),
     st.tuples(st.just("pause"), st.sampled_from([0, 0.002, 0.02])),
@@ -49,7 +50,7 @@ op = st.one_of(
 
 @dataclass
 class Entry:
-    kind: str  # "file", "dir" or "link"
+    kind: str  # "file", "dir", "link" or "node" (FIFO, socket, device: the type is in ``mode``)
     mode: int
     data: bytes = b""  # file content, or link target
 
@@ -128,12 +129,20 @@ async def apply(d: Daemon, m: Model, step: tuple) -> Daemon | None:
             return None
         await d.symlink(p, target)
         m.tree[p] = Entry("link", 0o777, target.encode())
+    elif kind == "mknod":
+        p, node_type = args
+        if p in m.tree or not m.parent_ok(p):
+            return None
+        parent, name = await d.parent_of(p)
+        await d.ops.mknod(parent, name, node_type | 0o640, os.makedev(1, 3), Ctx(umask=0))
+        m.tree[p] = Entry("node", node_type | 0o640)
     elif kind == "chmod":
         p, mode = args
         if p not in m.tree or m.tree[p].kind == "link":
             return None
         await d.chmod(p, mode)
-        m.tree[p].mode = mode
+        e = m.tree[p]
+        e.mode = stat.S_IFMT(e.mode) | mode if e.kind == "node" else mode
     elif kind == "open_unlink_read":
         (p,) = args
         if p not in m.tree or m.tree[p].kind != "file":
@@ -168,11 +177,14 @@ async def check(d: Daemon, m: Model) -> None:
     assert store.uploads == {}
     for key, e in expected.items():
         obj = store.objects[key]
-        assert obj.body == (b"" if e.kind == "dir" else e.data), key
+        assert obj.body == (b"" if e.kind in ("dir", "node") else e.data), key
         mode = metadata.from_user_metadata(obj.metadata).mode
-        assert mode is not None and stat.S_IMODE(mode) == e.mode, key
-        kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "link": stat.S_IFLNK}[e.kind]
+        assert mode is not None and stat.S_IMODE(mode) == stat.S_IMODE(e.mode), key
+        kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "link": stat.S_IFLNK, "node": stat.S_IFMT(e.mode)}[e.kind]
         assert stat.S_IFMT(mode) == kind, key
+    for p, e in m.tree.items():
+        if e.kind == "node":
+            assert (await d.ops.getattr(await d.resolve(p), Ctx())).st_mode == e.mode, p
     for p, e in m.tree.items():
         if e.kind == "file":
             assert await d.read_file(p) == e.data, p

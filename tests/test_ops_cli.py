@@ -230,7 +230,8 @@ def test_parse_since() -> None:
     ("fstab_options", "daemon_options"),
     [
         ("defaults,_netdev,nofail", None),
-        ("defaults,noatime,nodiratime,nosuid,nodev,x-systemd.automount,x-systemd.idle-timeout=60", None),
+        ("defaults,noatime,nodiratime,nosuid,x-systemd.automount,x-systemd.idle-timeout=60", None),
+        ("defaults,nosuid,nodev", "nodev"),  # nodev is kept: no device node comes from S3
         ("rw,relatime,allow_other,cache_size=10", "allow_other,cache_size=10"),
         ("ro,_netdev,uid=1000,comment=systemd.automount", "ro,uid=1000"),
     ],

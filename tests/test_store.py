@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -140,15 +141,20 @@ def test_cache_parts(conn) -> None:  # type: ignore[no-untyped-def]
     assert parts.all() == []
 
 
-def test_a_schema_2_database_is_upgraded_in_place(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_older_database_is_upgraded_in_place(tmp_path: Path, version: int) -> None:
     conn = db.connect(tmp_path / "state.db")
-    conn.execute("DROP TABLE export_intents")
-    db.set_setting(conn, "schema_version", "2")
+    conn.execute("ALTER TABLE inodes DROP COLUMN rdev")  # schema 4
+    if version == 2:
+        conn.execute("DROP TABLE export_intents")  # schema 3
+    db.set_setting(conn, "schema_version", str(version))
     InodeStore(conn).whiteout(ROOT_INODE, "kept")
     conn.close()
     conn = db.connect(tmp_path / "state.db")
     assert db.get_setting(conn, "schema_version") == str(db.SCHEMA_VERSION)
     assert InodeStore(conn).whiteouts(ROOT_INODE) == {"kept"} and ExportLedger(conn).intents() == []
+    f = add(InodeStore(conn), ROOT_INODE, "dev", stat.S_IFCHR | 0o600, rdev=os.makedev(1, 3))
+    assert InodeStore(conn).find(f).rdev == os.makedev(1, 3)  # type: ignore[union-attr]
     conn.close()
 
 

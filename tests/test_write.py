@@ -248,9 +248,6 @@ def test_unsupported_operations_fail_clearly(s3: Any, bucket: str, mounter: Any)
     with pytest.raises(OSError) as exc:
         os.link(m.path / "f", m.path / "hard")
     assert exc.value.errno == errno.EPERM
-    with pytest.raises(OSError) as exc:
-        os.mkfifo(m.path / "fifo")
-    assert exc.value.errno == errno.EPERM
     (m.path / "d").mkdir()
     (m.path / "d/x").write_bytes(b"")
     with pytest.raises(OSError) as exc:

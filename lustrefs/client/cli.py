@@ -44,12 +44,12 @@ INTEGER_MEMBERS = frozenset(
 )
 BOOLEAN_MEMBERS = frozenset(("CopyTagsToBackups", "EfaEnabled", "Enabled"))
 
-# mount(8) options that mean nothing to the FUSE daemon (``ro`` is kept). A FUSE mount is always nosuid and
-# nodev; access times are not kept. Options whose loss would weaken a guarantee (noexec, sync) are passed on,
-# and refused as unknown.
+# mount(8) options that mean nothing to the FUSE daemon (``ro``, ``dev`` and ``nodev`` are kept). A FUSE mount
+# is always nosuid; access times are not kept. Options whose loss would weaken a guarantee (noexec, sync) are
+# passed on, and refused as unknown.
 GENERIC_MOUNT_OPTIONS = (
     frozenset(("defaults", "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group", "rw"))
-    | frozenset(("nosuid", "nodev", "suid", "dev", "exec", "async", "silent", "loud", "lazytime", "nolazytime"))
+    | frozenset(("nosuid", "suid", "exec", "async", "silent", "loud", "lazytime", "nolazytime"))
     | frozenset(
         ("atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime")
     )

@@ -47,6 +47,7 @@ class Settings:
     import_state_file: Path  # where the importer reports its lifecycle (repository-state.json)
     defaults: Defaults = field(default_factory=Defaults)
     posix_metadata: bool = True
+    devices: bool = False  # objects describing device nodes are imported as devices (root, not nodev)
     max_connections: int = 16  # HEAD workers
     export_delay: float = 3.0
     export_policy: Callable[[], frozenset[str]] = lambda: frozenset(EVENTS)
@@ -71,6 +72,7 @@ class Core:
             settings.defaults,
             settings.posix_metadata,
             settings.max_connections,
+            settings.devices,
             export_is_import=target.base == "",
             on_purge=lambda ino: self.cache.drop_inode(ino),
             on_change=lambda ino, delay: self.writeback.schedule(ino, delay),

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+MKNOD_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 BLOCK_SIZE = 128 * 1024  # st_blksize: the I/O size tools such as cp use
 
 
@@ -129,10 +130,10 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.attr_timeout
         a.attr_timeout = self.attr_timeout
         a.st_mode = row.mode
-        a.st_nlink = 1
+        a.st_nlink = self.ns.nlink(row)
         a.st_uid = row.uid
         a.st_gid = row.gid
-        a.st_rdev = 0
+        a.st_rdev = row.rdev
         a.st_size = row.size
         a.st_blksize = BLOCK_SIZE
         a.st_blocks = (row.size + 511) // 512
@@ -368,9 +369,12 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
         entry = _name(name)
-        if not stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.EPERM)  # devices, FIFOs and sockets cannot be exported to S3
-        row = await self.ns.create(parent_inode, entry, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
+        kind = stat.S_IFMT(mode) or stat.S_IFREG  # mknod(2): a type of 0 is a regular file
+        if kind not in MKNOD_TYPES:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        device = rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0  # the kernel checked CAP_MKNOD for devices
+        perms = mode & ~ctx.umask & 0o7777
+        row = await self.ns.create(parent_inode, entry, kind | perms, _owner(ctx), rdev=device)
         self.ns.remember(row.ino)
         return self._attrs(row)
 

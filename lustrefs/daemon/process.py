@@ -155,6 +155,7 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         import_state_file=home / "repository-state.json",
         defaults=Defaults(p.opts.uid, p.opts.gid, p.opts.file_mode, p.opts.dir_mode),
         posix_metadata=p.opts.posix_metadata,
+        devices=not p.opts.nodev and os.geteuid() == 0,
         max_connections=p.opts.max_connections,
         export_delay=p.opts.export_delay,
         export_policy=export_policy(p.fs_id),
@@ -171,6 +172,10 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         fuse_opts.add("ro")
     if p.opts.allow_other:
         fuse_opts.add("allow_other")
+    if p.opts.nodev or os.geteuid() != 0:
+        fuse_opts.add("nodev")
+    else:
+        fuse_opts.add("dev")  # device nodes on the mount open the kernel's devices (root's mounts only)
     try:
         pyfuse3.init(core.ops, p.mountpoint, fuse_opts)
     except RuntimeError as exc:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
--- One row per file, directory or symlink the mount knows. Rows are created lazily, when their parent
--- directory is first listed; inode numbers are never reused (AUTOINCREMENT).
+-- One row per file, directory, symlink, FIFO, socket or device node the mount knows. Rows are created lazily,
+-- when their parent directory is first listed; inode numbers are never reused (AUTOINCREMENT).
 CREATE TABLE IF NOT EXISTS inodes (
     ino        INTEGER PRIMARY KEY AUTOINCREMENT, -- inode number given to the kernel; root is 1
     parent     INTEGER NOT NULL,                  -- inode of the parent directory (the root is its own parent)
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS inodes (
                                                   -- prefix is the import prefix); NULL: not in the export prefix
     import_etag TEXT,                             -- ETag of the object at this path when last imported ('' for a
                                                   -- directory from a listing); NULL: created or moved here locally
+    rdev       INTEGER NOT NULL DEFAULT 0,        -- st_rdev of a character or block device (0 for the others)
     UNIQUE (parent, name)
 );
 
@@ -102,8 +103,9 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     version = _version(conn)
-    if version == 2:
-        # Version 3 only adds export_intents (created below); nothing else changed.
+    if version in (2, 3):
+        # Version 3 added export_intents (created below), version 4 the device number of inodes.
+        conn.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
         conn.execute("UPDATE settings SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
     elif version is not None and version < SCHEMA_VERSION:
         # Version 1 was read-only: it holds nothing that S3 cannot give again. Rebuild it.

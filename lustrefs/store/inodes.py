@@ -43,6 +43,7 @@ class Inode:
     data_gen: int
     exported_key: str | None
     import_etag: str | None
+    rdev: int
 
     @property
     def is_dir(self) -> bool:
@@ -134,6 +135,11 @@ class InodeStore:
     def orphans(self) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE parent = ?", (ORPHAN,))]
 
+    def count_subdirs(self, parent: int) -> int:
+        """How many directories ``parent`` holds (a directory's link count is 2 more)."""
+        sql = "SELECT count(*) FROM inodes WHERE parent = ? AND (mode & ?) = ? AND ino != ?"
+        return self.conn.execute(sql, (parent, _TYPE_BITS, stat.S_IFDIR, ROOT_INODE)).fetchone()[0]
+
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM inodes").fetchone()[0]
 
@@ -156,13 +162,15 @@ class InodeStore:
         exported_key: str | None,
         import_etag: str | None,
         ino: int | None = None,
+        rdev: int = 0,
     ) -> int:
         """Insert an entry; returns its inode number (never reused: AUTOINCREMENT)."""
         cur = self.conn.execute(
             "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
-            " src_limit, meta_etag, exported_key, import_etag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " src_limit, meta_etag, exported_key, import_etag, rdev)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ino, parent, name, mode, *owner, size, mtime_ns, mtime_ns, ctime_ns, key, etag, src_limit, meta_etag,
-             exported_key, import_etag),
+             exported_key, import_etag, rdev),
         )  # fmt: skip
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -205,6 +213,7 @@ class InodeStore:
         ino: int,
         *,
         mode: int,
+        rdev: int,
         owner: tuple[int, int],
         mtime_ns: int,
         atime_ns: int,
@@ -215,9 +224,9 @@ class InodeStore:
     ) -> None:
         """The attributes an object's HEAD gave (``meta_etag``: the version they belong to)."""
         self.conn.execute(
-            "UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
+            "UPDATE inodes SET mode = ?, rdev = ?, uid = ?, gid = ?, mtime_ns = ?, atime_ns = ?, size = ?, etag = ?,"
             " meta_etag = ?, ctime_ns = ?, src_limit = ? WHERE ino = ?",
-            (mode, *owner, mtime_ns, atime_ns, size, etag, meta_etag, ctime_ns, size, ino),
+            (mode, rdev, *owner, mtime_ns, atime_ns, size, etag, meta_etag, ctime_ns, size, ino),
         )
 
     def make_dir(self, ino: int, mode: int, key: str, meta_etag: str | None, ctime_ns: int) -> None:

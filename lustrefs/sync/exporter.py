@@ -323,15 +323,15 @@ class Writeback:
 
     async def _upload(self, ino: int, r: Inode, desired: str) -> None:
         """Write the entry's object at ``desired`` (the key is free) and record the outcome."""
-        is_dir, is_link = stat.S_ISDIR(r.mode), stat.S_ISLNK(r.mode)
+        is_dir, is_link, is_file = stat.S_ISDIR(r.mode), stat.S_ISLNK(r.mode), stat.S_ISREG(r.mode)
         gen = r.data_gen
-        meta = to_user_metadata(r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns)
+        meta = to_user_metadata(r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns, r.rdev)
         source = ObjectVersion(ino, r.key, r.etag, r.src_limit) if r.etag else None
         done = self.s.busy[desired] = trio.Event()
         try:
             with db.transaction(self.ns.conn):
                 self.ledger.begin(ino, desired)
-            if is_dir:
+            if is_dir or not (is_link or is_file):  # directories, FIFOs, sockets, devices: zero-length objects
                 etag = await self.repo.put(desired, b"", meta)
             elif is_link:
                 body = (await self.ns.readlink(ino)).encode("utf-8", "surrogateescape")
@@ -353,7 +353,7 @@ class Writeback:
         finally:
             del self.s.busy[desired]
             done.set()
-        self._exported(ino, gen, desired, etag, source, r.size, is_dir or is_link)
+        self._exported(ino, gen, desired, etag, source, r.size, not is_file)
 
     async def _copy(
         self, ino: int, source: ObjectVersion, desired: str, meta: dict[str, str]

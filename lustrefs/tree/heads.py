@@ -40,9 +40,16 @@ class MetadataLoader:
     """Applies objects' POSIX metadata to their inodes (``posix_metadata=off``: nothing is queued)."""
 
     def __init__(
-        self, inodes: InodeStore, repo: ObjectStore, events: EventLog, enabled: bool = True, workers: int = 16
+        self,
+        inodes: InodeStore,
+        repo: ObjectStore,
+        events: EventLog,
+        enabled: bool = True,
+        workers: int = 16,
+        devices: bool = False,
     ) -> None:
         self.inodes = inodes
+        self.devices = devices  # objects describing device nodes become devices (the mount is not nodev)
         self.repo = repo
         self.events = events
         self.enabled = enabled
@@ -111,19 +118,16 @@ class MetadataLoader:
             self.inodes.set_meta_implied(row.ino)
             return
         pm = metadata.from_user_metadata(info.metadata or {})
-        mode = row.mode
+        mode, rdev = row.mode, 0
         if pm.mode is not None:
-            if is_dir:
-                kind = stat.S_IFDIR  # a key ending in '/' is a directory whatever the type bits say
-            elif stat.S_ISLNK(pm.mode):
-                kind = stat.S_IFLNK
-            else:
-                kind = stat.S_IFREG
+            kind = self._kind(row, pm, info)
             mode = kind | (pm.mode & 0o7777)
+            rdev = (pm.rdev or 0) if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
         mtime = pm.mtime_ns if pm.mtime_ns is not None else (row.mtime_ns if is_dir else info.mtime_ns)
         self.inodes.apply_meta(
             row.ino,
             mode=mode,
+            rdev=rdev,
             owner=(pm.uid if pm.uid is not None else row.uid, pm.gid if pm.gid is not None else row.gid),
             mtime_ns=mtime,
             atime_ns=pm.atime_ns if pm.atime_ns is not None else mtime,
@@ -132,3 +136,25 @@ class MetadataLoader:
             meta_etag=info.etag,
             ctime_ns=time.time_ns(),
         )
+
+    def _kind(self, row: Inode, pm: metadata.PosixMeta, info: ObjectInfo) -> int:
+        """The file type an object stands for: a key ending in '/' is a directory whatever the type bits say; a
+        FIFO or socket is one if its zero-length object says so; a device only if the mount allows devices and
+        its number is given, else it is imported as the regular file its object is (an event says why)."""
+        assert pm.mode is not None
+        wanted = stat.S_IFMT(pm.mode)
+        if stat.S_ISDIR(row.mode):
+            return stat.S_IFDIR
+        if wanted == stat.S_IFLNK or (wanted in (stat.S_IFIFO, stat.S_IFSOCK) and info.size == 0):
+            return wanted
+        if wanted in (stat.S_IFCHR, stat.S_IFBLK) and info.size == 0:
+            if self.devices and pm.rdev is not None:
+                return wanted
+            why = "the mount does not allow devices (nodev)" if not self.devices else "it has no x-amz-meta-file-rdev"
+            self.events.emit(
+                "WARN",
+                "S3ObjectDeviceNotCreated",
+                f"S3 object {info.key} describes a device node; it is imported as a regular file because {why}.",
+                key=info.key,
+            )
+        return stat.S_IFREG

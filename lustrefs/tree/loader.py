@@ -125,6 +125,7 @@ class TreeLoader:
         meta_etag: str | None = None,
         ino: int | None = None,
         owner: tuple[int, int] | None = None,
+        rdev: int = 0,
     ) -> int:
         """Insert an inode (owner: the mount's default unless given); returns its number."""
         now = time.time_ns()
@@ -144,6 +145,7 @@ class TreeLoader:
             exported_key=key if imported and self.export_is_import else None,  # the object there is the export
             import_etag=(etag or IMPLIED) if imported else None,
             ino=ino,
+            rdev=rdev,
         )
 
     async def lookup_unlisted(self, dir_row: Inode, name: str) -> None:

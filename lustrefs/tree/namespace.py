@@ -49,6 +49,7 @@ class Namespace:
         defaults: Defaults,
         posix_metadata: bool = True,
         head_workers: int = 16,
+        devices: bool = False,
         background_listings: int = 8,
         export_is_import: bool = False,
         on_purge: Callable[[int], None] = lambda ino: None,
@@ -58,7 +59,7 @@ class Namespace:
         self.conn = conn
         self.inodes = InodeStore(conn)  # the tree's table: every read and write of it goes through the store
         self.exports = ExportLedger(conn)  # the export state of entries is written there, nowhere else
-        self.meta = MetadataLoader(self.inodes, repo, events, posix_metadata, head_workers)
+        self.meta = MetadataLoader(self.inodes, repo, events, posix_metadata, head_workers, devices)
         self.repo = repo
         self.events = events
         self.import_prefix = import_prefix
@@ -98,6 +99,13 @@ class Namespace:
 
     def count(self) -> int:
         return self.inodes.count()
+
+    def nlink(self, row: Inode) -> int:
+        """st_nlink: a directory 2 + its subdirectories once listed (1 before: ``find`` must not rely on it, as on
+        file systems without link counts); anything else 1."""
+        if not row.is_dir:
+            return 1
+        return 2 + self.inodes.count_subdirs(row.ino) if row.listed else 1
 
     async def getattr(self, ino: int) -> Inode:
         """The inode's row, with its POSIX metadata applied (waits for its HEAD if needed)."""
@@ -223,9 +231,10 @@ class Namespace:
         self.on_change(ino, delay)
 
     async def create(
-        self, parent: int, name: str, mode: int, owner: tuple[int, int], target: str | None = None
+        self, parent: int, name: str, mode: int, owner: tuple[int, int], target: str | None = None, rdev: int = 0
     ) -> Inode:
-        """A new file, directory or symlink (``target``); owned by ``owner``, setgid directories honoured."""
+        """A new entry of any type (``target``: a symlink's, ``rdev``: a device's number); owned by ``owner``,
+        setgid directories honoured."""
         _check_new_name(parent, name)
         dir_row = await self._writable_dir(parent)
         if self._child(parent, name) is not None:
@@ -244,6 +253,7 @@ class Namespace:
                 size=len(os.fsencode(target)) if target is not None else 0,
                 meta_etag=IMPLIED,
                 owner=(uid, gid),
+                rdev=rdev,
             )
             self.inodes.drop_whiteout(parent, name)
             if stat.S_ISDIR(mode):

@@ -1,0 +1,108 @@
+"""FIFOs, sockets and device nodes, and directory link counts (in-process, on the in-memory repository)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+from inproc import Ctx, Daemon
+from memrepo import Bucket
+from test_export_lifecycle import run
+
+from lustrefs.constants import ROOT_INODE
+
+NODES = {
+    "fifo": (stat.S_IFIFO | 0o640, 0),
+    "sock": (stat.S_IFSOCK | 0o755, 0),
+    "chr": (stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+    "blk": (stat.S_IFBLK | 0o660, os.makedev(7, 2)),
+}
+
+
+async def check_nodes(d: Daemon, devices: bool = True) -> None:
+    for name, (mode, rdev) in NODES.items():
+        a = await d.ops.getattr(await d.resolve(name), Ctx())
+        device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        if device and not devices:
+            assert (stat.S_IFMT(a.st_mode), a.st_rdev, a.st_size) == (stat.S_IFREG, 0, 0), name
+        else:
+            assert (a.st_mode, a.st_rdev, a.st_size, a.st_nlink) == (mode, rdev, 0, 1), name
+
+
+def test_special_files_persist_are_exported_and_imported(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path / "a", store)
+        await d.start(nursery)
+        for name, (mode, rdev) in NODES.items():
+            await d.ops.mknod(ROOT_INODE, name.encode(), mode, rdev, Ctx(umask=0))
+        await check_nodes(d)
+        await d.settled()
+        for name, (mode, rdev) in NODES.items():
+            obj = store.objects[name]
+            assert obj.body == b"" and obj.metadata["file-permissions"] == f"0{mode:o}", name
+            assert obj.metadata.get("file-rdev") == (f"{os.major(rdev)},{os.minor(rdev)}" if rdev else None), name
+        await d.stop()
+        again = Daemon(tmp_path / "a", store)  # a remount
+        await again.start(nursery)
+        await check_nodes(again)
+        await again.stop()
+        fresh = Daemon(tmp_path / "b", store)  # a new file system on the bucket
+        await fresh.start(nursery)
+        await check_nodes(fresh)
+        await fresh.stop()
+        nodev = Daemon(tmp_path / "c", store, devices=False)  # nodev, or not root: no device from S3
+        await nodev.start(nursery)
+        await check_nodes(nodev, devices=False)
+        assert "S3ObjectDeviceNotCreated" in (tmp_path / "c" / "events.jsonl").read_text()
+        await nodev.stop()
+
+    run(test)
+
+
+def test_mknod_of_a_regular_file_and_of_no_file_type(tmp_path: Path) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        a = await d.ops.mknod(ROOT_INODE, b"plain", 0o644, 0, Ctx())  # type 0: a regular file
+        assert stat.S_ISREG(a.st_mode)
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await d.ops.mknod(ROOT_INODE, b"dir", stat.S_IFDIR | 0o755, 0, Ctx())
+        assert exc.value.errno == errno.EINVAL
+        await d.stop()
+
+    run(test)
+
+
+def test_directory_link_counts(tmp_path: Path) -> None:
+    store = Bucket()
+    store.put_object("x/y/z", b"1")
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        x = await d.resolve("x")
+        assert (await d.ops.getattr(x, Ctx())).st_nlink == 1  # not listed yet: find must not rely on it
+        await d.ns.entries(x, 0)  # what readdir does: the directory is listed
+        assert (await d.ops.getattr(x, Ctx())).st_nlink == 3  # listed: 2 + one subdirectory
+        await d.mkdir("d")
+        for sub in ("a", "b"):
+            await d.mkdir(f"d/{sub}")
+        await d.write_file("d/f", b"")
+        nlink = (await d.ops.getattr(await d.resolve("d"), Ctx())).st_nlink
+        assert nlink == 4
+        await d.rmdir("d/a")
+        assert (await d.ops.getattr(await d.resolve("d"), Ctx())).st_nlink == 3
+        assert (await d.ops.getattr(ROOT_INODE, Ctx())).st_nlink == 4  # x and d
+        assert (await d.ops.getattr(await d.resolve("d/f"), Ctx())).st_nlink == 1
+        await d.stop()
+
+    run(test)
