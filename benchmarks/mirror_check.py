@@ -256,6 +256,28 @@ class Lab:
 
 
 @contextlib.contextmanager
+def reported(lab: Lab, out: Outcome, proxy: FaultProxy, mnt: Path) -> Iterator[Callable[[str], str]]:
+    """The body of a scenario: an exception is a failed check, and the mount and file system are torn down
+    (with an excerpt of daemon.log when a check failed). Yields ``made(fs_id)``, which registers the file system."""
+    made: list[str] = []
+
+    def register(fs_id: str) -> str:
+        made.append(fs_id)
+        return fs_id
+
+    try:
+        yield register
+    except Exception as exc:  # reported as a failed check; the finally block tears down
+        out.check("scenario ran to the end", False, f"{type(exc).__name__}: {exc}")
+        out.numbers |= proxy.counts()
+    finally:
+        fs_id = made[0] if made else None
+        lab.teardown(fs_id, mnt)
+        if fs_id and out.failed:
+            out.evidence.append(lab.log_excerpt(fs_id))
+
+
+@contextlib.contextmanager
 def proxied(lab: Lab, error_rate: float, seed: int) -> Iterator[FaultProxy]:
     proxy = FaultProxy(lab.endpoint.url, error_rate=error_rate, seed=seed).start()
     try:
@@ -288,72 +310,63 @@ def create_remove(lab: Lab, files: int, error_rate: float, variant: str) -> Outc
     bucket = f"mirror-churn-{tag}"
     create_bucket(lab.endpoint, bucket)
     mnt = lab.work / f"mnt-churn-{tag}"
-    fs_id: str | None = None
-    with proxied(lab, error_rate, lab.seed) as proxy:
-        try:
-            fs_id = lab.create_fs(proxy.url, bucket)
-            start = time.monotonic()
-            lab.mount(fs_id, mnt)
-            out.numbers |= {"file system": fs_id, "mount seconds": _seconds(start)}
-            folder = mnt / "churn"
-            names = [folder / f"f{i:05d}" for i in range(files)]
+    with proxied(lab, error_rate, lab.seed) as proxy, reported(lab, out, proxy, mnt) as made:
+        fs_id = made(lab.create_fs(proxy.url, bucket))
+        start = time.monotonic()
+        lab.mount(fs_id, mnt)
+        out.numbers |= {"file system": fs_id, "mount seconds": _seconds(start)}
+        folder = mnt / "churn"
+        names = [folder / f"f{i:05d}" for i in range(files)]
 
-            def create() -> None:
-                folder.mkdir()
-                for i, path in enumerate(names):
-                    path.write_bytes(f"file {i}\n".encode())
-                    if variant == "c":
-                        path.unlink()
-
-            def remove() -> None:
-                for path in names if variant != "c" else []:
+        def create() -> None:
+            folder.mkdir()
+            for i, path in enumerate(names):
+                path.write_bytes(f"file {i}\n".encode())
+                if variant == "c":
                     path.unlink()
-                folder.rmdir()
 
-            out.numbers["create seconds"] = bounded(create, f"creating {files} files")
-            if variant == "a":
-                settled, secs, snap = lab.wait_settled(mnt, lab.export_timeout + 60)
-                out.numbers["export settle seconds"] = secs
-                exported = len(lab.keys(bucket))
-                out.numbers["objects after export"] = exported
-                out.check("all exported before removal", settled and exported == files + 1,
-                          f"{exported} objects (expected {files + 1}), stats dirty={snap['dirty']['entries']} "
-                          f"queue={snap['export_queue']}")  # fmt: skip
-            snap = lab.stats(mnt)
-            out.numbers |= {"dirty when removal began": snap["dirty"]["entries"],
-                            "queued when removal began": snap["export_queue"]}  # fmt: skip
-            out.numbers["remove seconds"] = bounded(remove, f"removing {files} files")
-            snap = lab.stats(mnt)
-            live = lab.state_counts(fs_id)  # read-only, while the daemon runs: what stats do not show
-            out.numbers |= {
-                "daemon requests": snap["requests"],
-                "stats dirty at umount": snap["dirty"]["entries"],
-                "stats queued at umount": snap["export_queue"],
-                "state.db pending deletes at umount": live.get("pending_deletes", live.get("error")),
-                "objects at umount": len(lab.keys(bucket)),
-            }
-            rc, err, secs = lab.umount(mnt)
-            out.numbers |= {"umount exit": rc, "umount seconds": secs}
-            if err:
-                out.evidence.append("lustrefs umount stderr:\n" + err[-2000:])
-            left = lab.keys(bucket)
-            uploads = lab.multipart_uploads(bucket)
-            out.numbers |= {"objects left": len(left), "multipart uploads left": len(uploads)}
-            out.numbers |= proxy.counts()
-            state = lab.state_counts(fs_id)
-            out.numbers["state.db after umount"] = {k: v for k, v in state.items() if not k.endswith("sample")}
-            out.check("objects left == 0", not left, f"{len(left)} left, e.g. {left[:10]}")
-            out.check("no multipart upload left", not uploads, ", ".join(uploads[:10]))
-            out.check("lustrefs umount exited 0", rc == 0, f"exit {rc}")
-            out.check("state.db: nothing dirty, no pending delete", state.get("dirty_rows") == 0
-                      and state.get("pending_deletes") == 0, json.dumps(state))  # fmt: skip
-        except Exception as exc:  # reported as a failed check; the finally block tears down
-            out.check("scenario ran to the end", False, f"{type(exc).__name__}: {exc}")
-            out.numbers |= proxy.counts()
-        finally:
-            lab.teardown(fs_id, mnt)
-            if fs_id and out.failed:
-                out.evidence.append(lab.log_excerpt(fs_id))
+        def remove() -> None:
+            for path in names if variant != "c" else []:
+                path.unlink()
+            folder.rmdir()
+
+        out.numbers["create seconds"] = bounded(create, f"creating {files} files")
+        if variant == "a":
+            settled, secs, snap = lab.wait_settled(mnt, lab.export_timeout + 60)
+            out.numbers["export settle seconds"] = secs
+            exported = len(lab.keys(bucket))
+            out.numbers["objects after export"] = exported
+            out.check("all exported before removal", settled and exported == files + 1,
+                      f"{exported} objects (expected {files + 1}), stats dirty={snap['dirty']['entries']} "
+                      f"queue={snap['export_queue']}")  # fmt: skip
+        snap = lab.stats(mnt)
+        out.numbers |= {"dirty when removal began": snap["dirty"]["entries"],
+                        "queued when removal began": snap["export_queue"]}  # fmt: skip
+        out.numbers["remove seconds"] = bounded(remove, f"removing {files} files")
+        snap = lab.stats(mnt)
+        live = lab.state_counts(fs_id)  # read-only, while the daemon runs: what stats do not show
+        out.numbers |= {
+            "daemon requests": snap["requests"],
+            "stats dirty at umount": snap["dirty"]["entries"],
+            "stats queued at umount": snap["export_queue"],
+            "state.db pending deletes at umount": live.get("pending_deletes", live.get("error")),
+            "objects at umount": len(lab.keys(bucket)),
+        }
+        rc, err, secs = lab.umount(mnt)
+        out.numbers |= {"umount exit": rc, "umount seconds": secs}
+        if err:
+            out.evidence.append("lustrefs umount stderr:\n" + err[-2000:])
+        left = lab.keys(bucket)
+        uploads = lab.multipart_uploads(bucket)
+        out.numbers |= {"objects left": len(left), "multipart uploads left": len(uploads)}
+        out.numbers |= proxy.counts()
+        state = lab.state_counts(fs_id)
+        out.numbers["state.db after umount"] = {k: v for k, v in state.items() if not k.endswith("sample")}
+        out.check("objects left == 0", not left, f"{len(left)} left, e.g. {left[:10]}")
+        out.check("no multipart upload left", not uploads, ", ".join(uploads[:10]))
+        out.check("lustrefs umount exited 0", rc == 0, f"exit {rc}")
+        out.check("state.db: nothing dirty, no pending delete", state.get("dirty_rows") == 0
+                  and state.get("pending_deletes") == 0, json.dumps(state))  # fmt: skip
     return out
 
 
@@ -367,144 +380,135 @@ def kill_rename(lab: Lab, kills: int, files: int, settle_timeout: float) -> Outc
     bucket = "mirror-rename"
     create_bucket(lab.endpoint, bucket)
     mnt = lab.work / "mnt-rename"
-    fs_id: str | None = None
-    with proxied(lab, 0.0, lab.seed) as proxy:
-        try:
-            fs_id = lab.create_fs(proxy.url, bucket)
+    with proxied(lab, 0.0, lab.seed) as proxy, reported(lab, out, proxy, mnt) as made:
+        fs_id = made(lab.create_fs(proxy.url, bucket))
+        lab.mount(fs_id, mnt)
+        out.numbers["file system"] = fs_id
+        contents = {f"f{i:03d}": rng.randbytes(rng.randint(1, 100) * 1024) for i in range(files)}
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+
+        def populate() -> None:
+            (mnt / "d0").mkdir()
+            for name, data in contents.items():
+                (mnt / "d0" / name).write_bytes(data)
+
+        out.numbers["populate seconds"] = bounded(populate, f"writing {files} files")
+        out.numbers["data bytes"] = sum(len(d) for d in contents.values())
+        settled, secs, _ = lab.wait_settled(mnt, settle_timeout)
+        expected0 = {"d0/"} | {f"d0/{n}" for n in contents}
+        matched, _, keys = lab.wait_keys(bucket, expected0, settle_timeout)
+        out.numbers["initial export seconds"] = secs
+        if not out.check("d0 exported before the first rename", settled and matched,
+                         f"{len(keys)} objects, expected {len(expected0)}"):  # fmt: skip
+            raise CaseError("the initial export did not finish")
+
+        rounds = []
+        for i in range(kills):
+            src, dst = mnt / f"d{i}", mnt / f"d{i + 1}"
+            mv = subprocess.run(["mv", str(src), str(dst)], capture_output=True, text=True, timeout=60,
+                                check=False)  # fmt: skip
+            if mv.returncode != 0:
+                raise CaseError(f"round {i + 1}: mv d{i} d{i + 1} failed: {mv.stderr.strip()}")
+            delay = rng.uniform(0, MAX_DELAY)
+            time.sleep(delay)  # the random point of the crash, not a synchronisation
+            pid = lab.daemon_pid(fs_id)
+            if pid is None:
+                raise CaseError(f"round {i + 1}: no live daemon to kill")
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + KILL_WAIT
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if alive(pid):
+                raise CaseError(f"round {i + 1}: daemon {pid} still alive {KILL_WAIT:g} s after SIGKILL")
+            at_kill = lab.keys(bucket)
+            old = [k for k in at_kill if k.startswith(f"d{i}/")]
+            new = [k for k in at_kill if k.startswith(f"d{i + 1}/")]
+            how = lab.fusermount(mnt)
+            if how == "failed" or lab.is_mounted(mnt):
+                raise CaseError(f"round {i + 1}: could not unmount {mnt} after the kill")
+            start = time.monotonic()
             lab.mount(fs_id, mnt)
-            out.numbers["file system"] = fs_id
-            contents = {f"f{i:03d}": rng.randbytes(rng.randint(1, 100) * 1024) for i in range(files)}
-            digests = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+            rounds.append({"round": i + 1, "delay_ms": round(delay * 1000), "objects_at_kill": len(at_kill),
+                           "old_objects_at_kill": len(old), "new_objects_at_kill": len(new), "fusermount": how,
+                           "remount_s": _seconds(start)})  # fmt: skip
+        out.numbers["rounds"] = len(rounds)
+        mid = sum(1 for r in rounds if r["old_objects_at_kill"] or r["new_objects_at_kill"] != files + 1)
+        out.numbers["kills with the rename's export unfinished"] = mid
+        out.numbers["delays ms"] = [r["delay_ms"] for r in rounds]
+        out.numbers["objects (all, under dI/, under dI+1/) at each kill"] = [
+            [r["objects_at_kill"], r["old_objects_at_kill"], r["new_objects_at_kill"]] for r in rounds
+        ]
+        out.numbers["remount seconds"] = [r["remount_s"] for r in rounds]
+        out.numbers["lazy unmounts"] = sum(1 for r in rounds if r["fusermount"] != "-u")
 
-            def populate() -> None:
-                (mnt / "d0").mkdir()
-                for name, data in contents.items():
-                    (mnt / "d0" / name).write_bytes(data)
+        final = f"d{kills}"
+        settled, secs, snap = lab.wait_settled(mnt, settle_timeout)
+        live = lab.state_counts(fs_id)  # what the stats do not show: deletions still to make
+        expected = {f"{final}/"} | {f"{final}/{n}" for n in contents}
+        matched, bucket_secs, keys = lab.wait_keys(bucket, expected, max(settle_timeout - secs, 1.0))
+        out.numbers |= {
+            "state.db pending deletes at settle": live.get("pending_deletes", live.get("error")),
+            "stats settle seconds": secs,
+            "bucket match seconds after settle": bucket_secs,
+            "stuck dirty entries": snap["dirty"]["entries"],
+            "stuck queued exports": snap["export_queue"],
+        }
+        out.check("nothing dirty or queued", settled,
+                  f"dirty={snap['dirty']['entries']} queue={snap['export_queue']} after {secs} s")  # fmt: skip
 
-            out.numbers["populate seconds"] = bounded(populate, f"writing {files} files")
-            out.numbers["data bytes"] = sum(len(d) for d in contents.values())
-            settled, secs, _ = lab.wait_settled(mnt, settle_timeout)
-            expected0 = {"d0/"} | {f"d0/{n}" for n in contents}
-            matched, _, keys = lab.wait_keys(bucket, expected0, settle_timeout)
-            out.numbers["initial export seconds"] = secs
-            if not out.check("d0 exported before the first rename", settled and matched,
-                             f"{len(keys)} objects, expected {len(expected0)}"):  # fmt: skip
-                raise CaseError("the initial export did not finish")
+        unreadable: list[str] = []
 
-            rounds = []
-            for i in range(kills):
-                src, dst = mnt / f"d{i}", mnt / f"d{i + 1}"
-                mv = subprocess.run(["mv", str(src), str(dst)], capture_output=True, text=True, timeout=60,
-                                    check=False)  # fmt: skip
-                if mv.returncode != 0:
-                    raise CaseError(f"round {i + 1}: mv d{i} d{i + 1} failed: {mv.stderr.strip()}")
-                delay = rng.uniform(0, MAX_DELAY)
-                time.sleep(delay)  # the random point of the crash, not a synchronisation
-                pid = lab.daemon_pid(fs_id)
-                if pid is None:
-                    raise CaseError(f"round {i + 1}: no live daemon to kill")
-                os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + KILL_WAIT
-                while alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if alive(pid):
-                    raise CaseError(f"round {i + 1}: daemon {pid} still alive {KILL_WAIT:g} s after SIGKILL")
-                at_kill = lab.keys(bucket)
-                old = [k for k in at_kill if k.startswith(f"d{i}/")]
-                new = [k for k in at_kill if k.startswith(f"d{i + 1}/")]
-                how = lab.fusermount(mnt)
-                if how == "failed" or lab.is_mounted(mnt):
-                    raise CaseError(f"round {i + 1}: could not unmount {mnt} after the kill")
-                start = time.monotonic()
-                lab.mount(fs_id, mnt)
-                rounds.append({"round": i + 1, "delay_ms": round(delay * 1000), "objects_at_kill": len(at_kill),
-                               "old_objects_at_kill": len(old), "new_objects_at_kill": len(new), "fusermount": how,
-                               "remount_s": _seconds(start)})  # fmt: skip
-            out.numbers["rounds"] = len(rounds)
-            mid = sum(1 for r in rounds if r["old_objects_at_kill"] or r["new_objects_at_kill"] != files + 1)
-            out.numbers["kills with the rename's export unfinished"] = mid
-            out.numbers["delays ms"] = [r["delay_ms"] for r in rounds]
-            out.numbers["objects (all, under dI/, under dI+1/) at each kill"] = [
-                [r["objects_at_kill"], r["old_objects_at_kill"], r["new_objects_at_kill"]] for r in rounds
-            ]
-            out.numbers["remount seconds"] = [r["remount_s"] for r in rounds]
-            out.numbers["lazy unmounts"] = sum(1 for r in rounds if r["fusermount"] != "-u")
+        def read_all() -> None:
+            for name, digest in digests.items():
+                try:
+                    data = (mnt / final / name).read_bytes()
+                except OSError as exc:
+                    unreadable.append(f"{final}/{name}: {exc}")
+                    continue
+                if hashlib.sha256(data).hexdigest() != digest:
+                    unreadable.append(f"{final}/{name}: sha256 differs ({len(data)} bytes)")
 
-            final = f"d{kills}"
-            settled, secs, snap = lab.wait_settled(mnt, settle_timeout)
-            live = lab.state_counts(fs_id)  # what the stats do not show: deletions still to make
-            expected = {f"{final}/"} | {f"{final}/{n}" for n in contents}
-            matched, bucket_secs, keys = lab.wait_keys(bucket, expected, max(settle_timeout - secs, 1.0))
-            out.numbers |= {
-                "state.db pending deletes at settle": live.get("pending_deletes", live.get("error")),
-                "stats settle seconds": secs,
-                "bucket match seconds after settle": bucket_secs,
-                "stuck dirty entries": snap["dirty"]["entries"],
-                "stuck queued exports": snap["export_queue"],
-            }
-            out.check("nothing dirty or queued", settled,
-                      f"dirty={snap['dirty']['entries']} queue={snap['export_queue']} after {secs} s")  # fmt: skip
+        out.numbers["read seconds"] = bounded(read_all, f"reading {files} files")
+        root = sorted(call_with_timeout(lambda: os.listdir(mnt), 30, "listing the mount root"))
+        listing = sorted(call_with_timeout(lambda: os.listdir(mnt / final), 30, f"listing {final}"))
+        out.numbers["unreadable files"] = len(unreadable)
+        out.check("every file readable with its sha256", not unreadable, "; ".join(unreadable[:10]))
+        out.check(f"mount root holds only {final}", [e for e in root if e != ".lustrefs"] == [final], str(root))
+        out.check(f"{final} lists exactly the {files} files", listing == sorted(contents),
+                  f"{len(listing)} entries")  # fmt: skip
 
-            unreadable: list[str] = []
+        outside = sorted(set(keys) - expected)
+        missing = sorted(expected - set(keys))
+        earlier = [k for k in outside if k.split("/", 1)[0] in {f"d{j}" for j in range(kills)}]
+        present = sorted(k for k in expected & set(keys) if not k.endswith("/"))
+        wrong = [k for k in present if lab.sha256(bucket, k) != digests[k.split("/", 1)[1]]]
+        uploads = lab.multipart_uploads(bucket)
+        out.numbers |= {
+            "objects in bucket": len(keys),
+            "objects outside the tree": len(outside),
+            "objects under earlier dI/": len(earlier),
+            "objects missing": len(missing),
+            "objects with wrong content": len(wrong),
+            "multipart uploads left": len(uploads),
+        }
+        out.check("bucket == final tree", matched and not outside and not missing,
+                  f"outside: {outside[:10]}, missing: {missing[:10]}")  # fmt: skip
+        out.check("objects hold the files' data", not wrong, ", ".join(wrong[:10]))
+        out.check("no multipart upload left", not uploads, ", ".join(uploads[:10]))
+        out.numbers |= proxy.counts()
 
-            def read_all() -> None:
-                for name, digest in digests.items():
-                    try:
-                        data = (mnt / final / name).read_bytes()
-                    except OSError as exc:
-                        unreadable.append(f"{final}/{name}: {exc}")
-                        continue
-                    if hashlib.sha256(data).hexdigest() != digest:
-                        unreadable.append(f"{final}/{name}: sha256 differs ({len(data)} bytes)")
-
-            out.numbers["read seconds"] = bounded(read_all, f"reading {files} files")
-            root = sorted(call_with_timeout(lambda: os.listdir(mnt), 30, "listing the mount root"))
-            listing = sorted(call_with_timeout(lambda: os.listdir(mnt / final), 30, f"listing {final}"))
-            out.numbers["unreadable files"] = len(unreadable)
-            out.check("every file readable with its sha256", not unreadable, "; ".join(unreadable[:10]))
-            out.check(f"mount root holds only {final}", [e for e in root if e != ".lustrefs"] == [final], str(root))
-            out.check(f"{final} lists exactly the {files} files", listing == sorted(contents),
-                      f"{len(listing)} entries")  # fmt: skip
-
-            outside = sorted(set(keys) - expected)
-            missing = sorted(expected - set(keys))
-            earlier = [k for k in outside if k.split("/", 1)[0] in {f"d{j}" for j in range(kills)}]
-            present = sorted(k for k in expected & set(keys) if not k.endswith("/"))
-            wrong = [k for k in present if lab.sha256(bucket, k) != digests[k.split("/", 1)[1]]]
-            uploads = lab.multipart_uploads(bucket)
-            out.numbers |= {
-                "objects in bucket": len(keys),
-                "objects outside the tree": len(outside),
-                "objects under earlier dI/": len(earlier),
-                "objects missing": len(missing),
-                "objects with wrong content": len(wrong),
-                "multipart uploads left": len(uploads),
-            }
-            out.check("bucket == final tree", matched and not outside and not missing,
-                      f"outside: {outside[:10]}, missing: {missing[:10]}")  # fmt: skip
-            out.check("objects hold the files' data", not wrong, ", ".join(wrong[:10]))
-            out.check("no multipart upload left", not uploads, ", ".join(uploads[:10]))
-            out.numbers |= proxy.counts()
-
-            rc, err, secs = lab.umount(mnt)
-            out.numbers |= {"umount exit": rc, "umount seconds": secs}
-            if err:
-                out.evidence.append("lustrefs umount stderr:\n" + err[-2000:])
-            out.check("lustrefs umount exited 0", rc == 0, f"exit {rc}")
-            after = lab.keys(bucket)
-            out.numbers["objects after umount"] = len(after)
-            out.check("bucket unchanged by the umount", set(after) == set(keys), f"{len(after)} objects")
-            state = lab.state_counts(fs_id)
-            out.numbers["state.db after umount"] = {k: v for k, v in state.items() if not k.endswith("sample")}
-            if state.get("dirty_rows") or state.get("pending_deletes") or state.get("export_intents"):
-                out.evidence.append("state.db after umount: " + json.dumps(state))
-        except Exception as exc:  # reported as a failed check; the finally block tears down
-            out.check("scenario ran to the end", False, f"{type(exc).__name__}: {exc}")
-            out.numbers |= proxy.counts()
-        finally:
-            lab.teardown(fs_id, mnt)
-            if fs_id and out.failed:
-                out.evidence.append(lab.log_excerpt(fs_id))
+        rc, err, secs = lab.umount(mnt)
+        out.numbers |= {"umount exit": rc, "umount seconds": secs}
+        if err:
+            out.evidence.append("lustrefs umount stderr:\n" + err[-2000:])
+        out.check("lustrefs umount exited 0", rc == 0, f"exit {rc}")
+        after = lab.keys(bucket)
+        out.numbers["objects after umount"] = len(after)
+        out.check("bucket unchanged by the umount", set(after) == set(keys), f"{len(after)} objects")
+        state = lab.state_counts(fs_id)
+        out.numbers["state.db after umount"] = {k: v for k, v in state.items() if not k.endswith("sample")}
+        if state.get("dirty_rows") or state.get("pending_deletes") or state.get("export_intents"):
+            out.evidence.append("state.db after umount: " + json.dumps(state))
     return out
 
 
