@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,16 +218,27 @@ class Daemon:
 
     async def settled(self, timeout: float = 10.0) -> None:
         """Wait until nothing is left to export: no dirty live entry, no intent, no pending delete (bounded)."""
-        sql = (
-            "SELECT (SELECT count(*) FROM inodes WHERE dirty != 0 AND parent != 0)"
-            " + (SELECT count(*) FROM pending_deletes)"
-        )
+        ledger = self.ns.exports
         with trio.fail_after(timeout):
-            while self.writeback.queue_length() or self.conn.execute(sql).fetchone()[0] or self._intents():
+            while (
+                self.writeback.queue_length()
+                or ledger.count_dirty()
+                or ledger.intents()
+                or ledger.any_pending_delete()
+            ):
                 await trio.sleep(0.01)
 
-    def _intents(self) -> int:
-        try:
-            return self.conn.execute("SELECT count(*) FROM export_intents").fetchone()[0]
-        except Exception:  # a state database from before export intents
-            return 0
+
+Test = Callable[[trio.Nursery], Awaitable[None]]
+
+
+def run(test: Test, timeout: float = 60.0) -> None:
+    """Run ``test(nursery)`` in trio, bounded; daemons it starts live in ``nursery``."""
+
+    async def main() -> None:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                await test(nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
-from inproc import MIB, Ctx, Daemon
+from inproc import MIB, Ctx, Daemon, run
 from memrepo import Bucket
 
 from lustrefs.constants import ROOT_INODE
-
-Test = Callable[[trio.Nursery], Awaitable[None]]
-
-
-def run(test: Test, timeout: float = 60.0) -> None:
-    """Run ``test(nursery)`` in trio, bounded; daemons it starts live in ``nursery``."""
-
-    async def main() -> None:
-        with trio.fail_after(timeout):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
 
 
 def fuse_errno(exc: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from inproc import Ctx, Daemon
+from inproc import Ctx, Daemon, run
 from memrepo import Bucket
-from test_export_lifecycle import run
 
 from lustrefs.constants import ROOT_INODE
 

@@ -56,6 +56,8 @@ CREATE INDEX IF NOT EXISTS inodes_dirty ON inodes (dirty) WHERE dirty != 0;
 -- A directory's entries in inode (listing) order: readdir pages and the small-file prefetch read one page of
 -- them, not the whole directory (without it each page of a 100,000-entry directory scanned all its entries).
 CREATE INDEX IF NOT EXISTS inodes_children ON inodes (parent, ino);
+-- The subdirectories of each directory: a directory's link count (st_nlink) reads only them.
+CREATE INDEX IF NOT EXISTS inodes_subdirs ON inodes (parent) WHERE (mode & 61440) = 16384;
 -- The export ledger's look-ups: who is exported at a key, who reads its clean data from a key.
 CREATE INDEX IF NOT EXISTS inodes_exported_key ON inodes (exported_key) WHERE exported_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS inodes_key ON inodes (key);

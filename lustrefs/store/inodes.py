@@ -17,6 +17,7 @@ from lustrefs.constants import ROOT_INODE
 ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
 IMPLIED = ""  # meta_etag of an entry whose attributes need no HEAD (no object, or set locally)
 _TYPE_BITS = stat.S_IFMT(0xFFFF)  # the file type bits of st_mode, for queries on the type
+_IS_DIR = f"(mode & {_TYPE_BITS}) = {stat.S_IFDIR}"  # literal, as the index inodes_subdirs states it
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,17 +115,16 @@ class InodeStore:
 
     def unlisted_subdirs(self, parent: int) -> list[int]:
         rows = self.conn.execute(
-            "SELECT ino FROM inodes WHERE parent = ? AND listed = 0 AND (mode & ?) = ? AND ino != ?",
-            (parent, _TYPE_BITS, stat.S_IFDIR, ROOT_INODE),
+            f"SELECT ino FROM inodes WHERE parent = ? AND listed = 0 AND {_IS_DIR} AND ino != ?", (parent, ROOT_INODE)
         )
         return [r[0] for r in rows]
 
     def loaded_dirs(self) -> list[tuple[int, int]]:
         """(ino, parent) of live directories listed, or partly known through lookups."""
         rows = self.conn.execute(
-            "SELECT ino, parent FROM inodes AS d WHERE (mode & ?) = ? AND parent != ? AND (listed = 1 OR EXISTS"
+            f"SELECT ino, parent FROM inodes AS d WHERE {_IS_DIR} AND parent != ? AND (listed = 1 OR EXISTS"
             " (SELECT 1 FROM inodes AS c WHERE c.parent = d.ino AND c.ino != c.parent))",
-            (_TYPE_BITS, stat.S_IFDIR, ORPHAN),
+            (ORPHAN,),
         )
         return [(r[0], r[1]) for r in rows]
 
@@ -137,8 +137,8 @@ class InodeStore:
 
     def count_subdirs(self, parent: int) -> int:
         """How many directories ``parent`` holds (a directory's link count is 2 more)."""
-        sql = "SELECT count(*) FROM inodes WHERE parent = ? AND (mode & ?) = ? AND ino != ?"
-        return self.conn.execute(sql, (parent, _TYPE_BITS, stat.S_IFDIR, ROOT_INODE)).fetchone()[0]
+        sql = f"SELECT count(*) FROM inodes WHERE parent = ? AND {_IS_DIR} AND ino != ?"  # the partial index's terms
+        return self.conn.execute(sql, (parent, ROOT_INODE)).fetchone()[0]
 
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM inodes").fetchone()[0]

@@ -44,6 +44,7 @@ EVENTS = ("NEW", "CHANGED", "DELETED")
 MAX_BACKOFF = 60.0  # seconds between retries of an entry whose export keeps failing
 FLUSH_RETRY = 1.0  # at unmount, failed entries are retried at least this often
 DELETE_BACKOFF = 5.0  # seconds deletions pause after one failed
+KEY_WAIT = 60.0  # seconds an export waits for its key to be free (requests are bounded by io_timeout)
 
 
 def backoff(failures: int) -> float:
@@ -76,8 +77,8 @@ class _State:
     errors: dict[int, str] = field(default_factory=dict)  # ino -> last error, for the unmount report
     given_up: dict[int, int] = field(default_factory=dict)  # ino -> data_gen it cannot be exported at
     writers: dict[int, int] = field(default_factory=dict)  # ino -> handles open for writing
-    busy: dict[str, trio.Event] = field(default_factory=dict)  # key -> set when its request in flight ends
-    stale: set[str] = field(default_factory=set)  # intents of an earlier run, not recovered yet
+    busy: dict[str, trio.Event] = field(default_factory=dict)  # key -> set when its request (or recovery) ends
+    stale: set[str] = field(default_factory=set)  # intents of an earlier run, not recovered yet (busy meanwhile)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class Writeback:
         for ino, _ in self.ledger.dirty_inodes():
             self.s.due[ino] = time.monotonic()
         self.s.stale = set(self.ledger.intents())
+        for key in self.s.stale:  # busy until recovered: no export or deletion of the key meanwhile
+            self.s.busy[key] = trio.Event()
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -313,9 +316,12 @@ class Writeback:
                 self.s.errors[ino] = f"{code}: {message}"
                 self.events.emit("ERROR", code, message, path="/" + desired[len(self.target.base) :])
                 return
-            if desired in self.s.busy or desired in self.s.stale:
-                await self._key_free(desired)
-                continue  # the entry may have changed meanwhile: decide again
+            if desired in self.s.busy:
+                with trio.move_on_after(KEY_WAIT):
+                    await self.s.busy[desired].wait()
+                    continue  # the entry may have changed meanwhile: decide again
+                self.s.due.setdefault(ino, time.monotonic() + DELETE_BACKOFF)  # a recovery backing off: later
+                return
             if await self._protect(desired, ino):
                 continue  # data was copied to local parts meanwhile: decide again
             break
@@ -405,14 +411,6 @@ class Writeback:
                     self.schedule(r.ino, 0)
         return bool(readers)
 
-    async def _key_free(self, key: str) -> None:
-        """Wait until no request of this mount writes or deletes ``key``."""
-        if key in self.s.busy:
-            await self.s.busy[key].wait()
-        else:  # an intent of an earlier run: _recover_intents deals with it
-            while key in self.s.stale:
-                await trio.sleep(0.05)
-
     def _refusal(self, row: Inode, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
         """Why this entry is not exported (FSx's codes), or None."""
         if len(desired.encode()) > MAX_KEY_BYTES:
@@ -478,6 +476,7 @@ class Writeback:
             with db.transaction(self.ns.conn):
                 self.ledger.abandon(key)
             self.s.stale.discard(key)
+            self.s.busy.pop(key).set()
 
     async def _delete_pending(self) -> None:
         """Delete the objects of removed entries, unless a live entry has been exported to the same key; up to
@@ -488,8 +487,8 @@ class Writeback:
         allowed = bool(pending) and "DELETED" in self.policy()  # the record is read once, not once per key
         todo = []
         for key in pending:
-            if key in self.s.busy or key in self.s.stale:
-                continue  # a request writes it: the outcome decides
+            if key in self.s.busy:
+                continue  # a request writes it, or a recovery: the outcome decides
             if not allowed or self.ledger.live(key):
                 with db.transaction(self.ns.conn):
                     self.ledger.deleted(key)

@@ -62,10 +62,7 @@ class Namespace:
         self.meta = MetadataLoader(self.inodes, repo, events, posix_metadata, head_workers, devices)
         self.repo = repo
         self.events = events
-        self.import_prefix = import_prefix
-        self.defaults = defaults
-        self.posix_metadata = posix_metadata
-        self.export_is_import = export_is_import  # imported keys are export keys (objects replaced on export)
+        self.import_prefix = import_prefix  # what the importer and tasks list
         self.open_counts: dict[int, int] = {}
         self.on_purge = on_purge  # drops the data of a deleted inode (the cache)
         self.on_change = on_change  # an entry needs exporting after a delay (the exporter; 0: wake it only)
