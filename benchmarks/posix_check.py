@@ -43,6 +43,14 @@ def _changed(before: tuple[int, int], path: Path) -> tuple[bool, bool]:
     return after[0] > before[0], after[1] > before[1]
 
 
+def _changes(watched: Path, action: Callable[[], object], after: Path | None = None) -> tuple[bool, bool]:
+    """Whether the (mtime, ctime) of ``watched`` (found at ``after`` once ``action`` ran) move when it runs."""
+    before = _ticks(watched)
+    time.sleep(0.01)
+    action()
+    return _changed(before, after or watched)
+
+
 def _later(fn: Callable[[Path], object]) -> Callable[[Path], object]:
     """Run ``fn`` after a pause, so that a timestamp it sets differs from the one before."""
 
@@ -127,10 +135,7 @@ def checks() -> list[Check]:
     @add("unlink: parent mtime and ctime change")
     def _(root: Path) -> object:
         (root / "f").write_bytes(b"")
-        before = _ticks(root)
-        time.sleep(0.01)
-        os.unlink(root / "f")
-        return _changed(before, root)
+        return _changes(root, lambda: os.unlink(root / "f"))
 
     @add("rename: over a file replaces it")
     def _(root: Path) -> object:
@@ -166,10 +171,7 @@ def checks() -> list[Check]:
     @add("rename: the moved entry's ctime changes")
     def _(root: Path) -> object:
         (root / "a").write_bytes(b"")
-        before = _ticks(root / "a")
-        time.sleep(0.01)
-        os.rename(root / "a", root / "b")
-        return _changed(before, root / "b")[1]
+        return _changes(root / "a", lambda: os.rename(root / "a", root / "b"), after=root / "b")[1]
 
     @add("rename: both parents' mtime change")
     def _(root: Path) -> object:
@@ -199,10 +201,7 @@ def checks() -> list[Check]:
     @add("truncate: mtime changes and the size is set")
     def _(root: Path) -> object:
         (root / "f").write_bytes(b"abcdef")
-        before = _ticks(root / "f")
-        time.sleep(0.01)
-        os.truncate(root / "f", 2)
-        return _changed(before, root / "f")[0], (root / "f").read_bytes()
+        return _changes(root / "f", lambda: os.truncate(root / "f", 2))[0], (root / "f").read_bytes()
 
     @add("chmod: keeps the type, sets the bits")
     def _(root: Path) -> object:
@@ -230,11 +229,158 @@ def checks() -> list[Check]:
         os.symlink("some/where/../x", root / "l")
         return os.readlink(root / "l")
 
-    @add("link: a second name")
+    @add("link: a second name, one inode, two links")
     def _(root: Path) -> object:
         (root / "f").write_bytes(b"x")
         result = _errno(lambda: os.link(root / "f", root / "g"))
-        return result, os.stat(root / "f").st_nlink
+        f, g = os.stat(root / "f"), os.stat(root / "g")
+        return result, f.st_ino == g.st_ino, f.st_nlink, g.st_nlink
+
+    @add("link: data written through one name is read through the other")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"one")
+        os.link(root / "f", root / "g")
+        with open(root / "g", "ab") as out:
+            out.write(b" two")
+        return (root / "f").read_bytes()
+
+    @add("link: unlink of the first name keeps the data under the other")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"kept")
+        os.link(root / "f", root / "g")
+        os.unlink(root / "f")
+        return (root / "g").read_bytes(), os.stat(root / "g").st_nlink
+
+    @add("link: rename onto another link of the same inode does nothing")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        os.link(root / "f", root / "g")
+        os.rename(root / "f", root / "g")
+        return (root / "f").exists(), (root / "g").exists(), os.stat(root / "g").st_nlink
+
+    @add("link: the file's ctime changes, its mtime does not")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        return _changes(root / "f", lambda: os.link(root / "f", root / "g"))
+
+    @add("link: parent mtime and ctime change")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        (root / "d").mkdir()
+        return _changes(root / "d", lambda: os.link(root / "f", root / "d/g"))
+
+    @add("unlink of one of two names: the file's ctime changes")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        os.link(root / "f", root / "g")
+        return _changes(root / "g", lambda: os.unlink(root / "f"))
+
+    @add("link: errnos (directory, existing name, missing source, missing directory, long name, under a file)")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        (root / "d").mkdir()
+        return [
+            _errno(lambda: os.link(root / "d", root / "e")),
+            _errno(lambda: os.link(root / "f", root / "d")),
+            _errno(lambda: os.link(root / "none", root / "e")),
+            _errno(lambda: os.link(root / "f", root / "none/e")),
+            _errno(lambda: os.link(root / "f", root / ("n" * 256))),
+            _errno(lambda: os.link(root / "f", root / "f/e")),
+        ]
+
+    @add("link: of a symlink, a FIFO and a socket")
+    def _(root: Path) -> object:
+        os.symlink("target", root / "l")
+        os.mkfifo(root / "p")
+        socket.socket(socket.AF_UNIX).bind(str(root / "s"))
+        out = []
+        for name in ("l", "p", "s"):
+            os.link(root / name, root / (name + "2"), follow_symlinks=False)
+            st = os.lstat(root / (name + "2"))
+            out.append((stat.S_IFMT(st.st_mode), st.st_nlink))
+        return out, os.readlink(root / "l2")
+
+    @add("link: an unlinked open file has no links (fstat)")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        with open(root / "f", "rb") as f:
+            os.unlink(root / "f")
+            return os.fstat(f.fileno()).st_nlink, f.read()
+
+    @add("link: cp -al makes a tree of links")
+    def _(root: Path) -> object:
+        (root / "t/u").mkdir(parents=True)
+        (root / "t/u/f").write_bytes(b"x")
+        subprocess.run(["cp", "-al", str(root / "t"), str(root / "c")], check=True)
+        return os.stat(root / "c/u/f").st_ino == os.stat(root / "t/u/f").st_ino, os.stat(root / "t/u/f").st_nlink
+
+    @add("chown: ctime changes, mtime does not")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        return _changes(root / "f", lambda: os.chown(root / "f", 65534, 65534)), os.stat(root / "f").st_uid
+
+    @add("utimes: sets atime and mtime, ctime changes")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        before = _ticks(root / "f")[1]
+        time.sleep(0.01)
+        os.utime(root / "f", ns=(1_000_000_000, 2_000_000_000))
+        st = os.stat(root / "f")
+        return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns > before
+
+    @add("open: O_CREAT|O_EXCL of an existing name is EEXIST; O_DIRECTORY of a file is ENOTDIR")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        return [
+            _errno(lambda: os.close(os.open(root / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY))),
+            _errno(lambda: os.close(os.open(root / "f", os.O_RDONLY | os.O_DIRECTORY))),
+        ]
+
+    @add("symlink: a path through a loop is ELOOP; a long target is kept")
+    def _(root: Path) -> object:
+        os.symlink("b", root / "a")
+        os.symlink("a", root / "b")
+        os.symlink("x" * 1000, root / "long")
+        return _errno(lambda: open(root / "a/x")), len(os.readlink(root / "long"))
+
+    @add("open O_TRUNC: mtime and ctime change, also of an empty file")
+    def _(root: Path) -> object:
+        (root / "e").write_bytes(b"")
+        (root / "f").write_bytes(b"x")
+        before = _ticks(root / "e"), _ticks(root / "f")
+        time.sleep(0.01)
+        for name in ("e", "f"):
+            os.close(os.open(root / name, os.O_WRONLY | os.O_TRUNC))
+        return _changed(before[0], root / "e"), _changed(before[1], root / "f")
+
+    @add("truncate to the same size: mtime and ctime change")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"xyz")
+        return _changes(root / "f", lambda: os.truncate(root / "f", 3))
+
+    @add("write: mtime and ctime change")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"xyz")
+        before = _ticks(root / "f")
+        time.sleep(0.01)
+        with open(root / "f", "r+b") as f:
+            f.write(b"a")
+        return _changed(before, root / "f")
+
+    @add("rename of a directory: its ctime changes, its link count follows")
+    def _(root: Path) -> object:
+        (root / "d/s").mkdir(parents=True)
+        (root / "e").mkdir()
+        ctime = _changes(root / "d", lambda: os.rename(root / "d", root / "e/d"), after=root / "e/d")[1]
+        return ctime, os.stat(root / "e").st_nlink, os.stat(root).st_nlink
+
+    @add("rename: a file to a name in another directory keeps its inode")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        (root / "d").mkdir()
+        ino = os.stat(root / "f").st_ino
+        os.rename(root / "f", root / "d/g")
+        return os.stat(root / "d/g").st_ino == ino, (root / "d/g").read_bytes()
 
     @add("fifo: carries data")
     def _(root: Path) -> object:

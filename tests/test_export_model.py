@@ -1,9 +1,11 @@
-"""Model test of the S3 mirror: random programs of namespace operations, writes, unlinked open files, request
-failures, hung requests and crashes run against an in-process daemon (tests/inproc.py) and a reference model.
+"""Model test of the S3 mirror: random programs of namespace operations (hard links among them), writes, unlinked
+open files, request failures, hung requests and crashes run against an in-process daemon (tests/inproc.py) and a
+reference model.
 
 After each program the faults stop and the daemon settles; then the objects in the bucket must be exactly the
-tree (paths, bytes, type and permission bits), nothing may be left dirty, in flight or half uploaded, and every
-read on the way (including through handles of unlinked files) must have returned the model's bytes.
+tree (paths, bytes, type and permission bits; each name of a hard-linked file an object), the names of one inode
+in the model must be the names of one inode in the mount, nothing may be left dirty, in flight or half uploaded,
+and every read on the way (including through handles of unlinked files) must have returned the model's bytes.
 
 A bounded number of programs runs in ``make test`` (30); a long run by hand (1,000 with ``LUSTREFS_SLOW=1``, or
 any number)::
@@ -31,8 +33,12 @@ PATHS = ["a", "b", "d", "d/a", "d/b", "e", "e/a"]
 EXAMPLES = int(os.environ.get("LUSTREFS_MIRROR_EXAMPLES", "1000" if os.environ.get("LUSTREFS_SLOW") else "30"))
 
 path = st.sampled_from(PATHS)
+existing = st.integers(min_value=0, max_value=50)  # the n-th file, link or node of the tree (modulo their number)
+sizes = st.sampled_from([0, 3000, 1_500_000])
 op = st.one_of(
-    st.tuples(st.just("write"), path, st.binary(max_size=64), st.sampled_from([0, 3000, 1_500_000])),
+    st.tuples(st.just("write"), path, st.binary(max_size=64), sizes),
+    st.tuples(st.just("write"), existing, st.binary(max_size=64), sizes),  # rewrite an existing file
+    st.tuples(st.just("link"), existing, path),
     st.tuples(st.just("mkdir"), path),
     st.tuples(st.just("rmdir"), path),
     st.tuples(st.just("unlink"), path),
@@ -44,13 +50,15 @@ op = st.one_of(
     st.tuples(st.just("pause"), st.sampled_from([0, 0.002, 0.02])),
     st.tuples(st.just("faults"), st.sampled_from([0.0, 0.2, 0.5]), st.booleans()),
     st.tuples(st.just("crash")),
+    st.tuples(st.just("settle")),
     st.tuples(st.just("poll")),
 )
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
-    kind: str  # "file", "dir", "link" or "node" (FIFO, socket, device: the type is in ``mode``)
+    kind: str  # "file", "dir", "link" or "node" (FIFO, socket, device: the type is in ``mode``); the names of
+    # one inode (hard links) share one Entry
     mode: int
     data: bytes = b""  # file content, or link target
 
@@ -91,16 +99,28 @@ def new_daemon(home: Path, store: Bucket) -> Daemon:
     return Daemon(home, store, delay=0.0, import_policy="NEW_CHANGED_DELETED")
 
 
+def nth(m: Model, n: int | str, kinds: tuple[str, ...] = ("file", "link", "node")) -> str:
+    """A path given as such, or the ``n``-th entry of those ``kinds`` ('' if there is none)."""
+    if isinstance(n, str):
+        return n
+    names = sorted(p for p, e in m.tree.items() if e.kind in kinds)
+    return names[n % len(names)] if names else ""
+
+
 async def apply(d: Daemon, m: Model, step: tuple) -> Daemon | None:
     """Run one step on the daemon and the model; returns a new daemon after a crash."""
     kind, *args = step
     if kind == "write":
+        args[0] = nth(m, args[0], ("file",))
         p, seed, size = args
-        if not m.parent_ok(p) or (p in m.tree and m.tree[p].kind != "file"):
+        if not p or not m.parent_ok(p) or (p in m.tree and m.tree[p].kind != "file"):
             return None
         data = content(size, seed)
         await d.write_file(p, data)
-        m.tree[p] = Entry("file", m.tree[p].mode if p in m.tree else 0o644, data)
+        if p in m.tree:
+            m.tree[p].data = data  # every name of the inode
+        else:
+            m.tree[p] = Entry("file", 0o644, data)
     elif kind == "mkdir":
         (p,) = args
         if p in m.tree or not m.parent_ok(p):
@@ -121,8 +141,17 @@ async def apply(d: Daemon, m: Model, step: tuple) -> Daemon | None:
         del m.tree[p]
     elif kind == "rename":
         a, b = args
-        if m.rename(a, b):
+        if a != b and a in m.tree and m.tree.get(b) is m.tree[a]:
+            await d.rename(a, b)  # two names of one inode: POSIX says nothing happens
+        elif m.rename(a, b):
             await d.rename(a, b)
+    elif kind == "link":
+        a, b = nth(m, args[0]), args[1]
+        if a not in m.tree or m.tree[a].kind == "dir" or b in m.tree or not m.parent_ok(b):
+            return None
+        parent, name = await d.parent_of(b)
+        await d.ops.link(await d.resolve(a), parent, name, Ctx())
+        m.tree[b] = m.tree[a]
     elif kind == "symlink":
         p, target = args
         if p in m.tree or not m.parent_ok(p):
@@ -160,6 +189,10 @@ async def apply(d: Daemon, m: Model, step: tuple) -> Daemon | None:
         rate, hang = args
         d.repo.store.faults.error_rate = rate
         d.repo.store.faults.hang = {"PUT", "DELETE"} if hang else set()
+    elif kind == "settle":  # everything exported (when no fault is on: with faults it may take minutes)
+        faults = d.repo.store.faults
+        if not faults.error_rate and not faults.hang:
+            await d.settled(timeout=60)
     elif kind == "poll":  # an import poll sees only this mount's own objects: it must change nothing
         await d.importer.poll()
     elif kind == "crash":
@@ -188,6 +221,12 @@ async def check(d: Daemon, m: Model) -> None:
     for p, e in m.tree.items():
         if e.kind == "file":
             assert await d.read_file(p) == e.data, p
+    inodes = {p: await d.resolve(p) for p, e in m.tree.items() if e.kind != "dir"}
+    for p, e in m.tree.items():
+        if e.kind != "dir":
+            names = sorted(q for q, f in m.tree.items() if f is e)
+            assert sorted(q for q in inodes if inodes[q] == inodes[p]) == names, p
+            assert (await d.ops.getattr(inodes[p], Ctx())).st_nlink == len(names), p
 
 
 @settings(

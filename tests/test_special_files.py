@@ -105,3 +105,22 @@ def test_directory_link_counts(tmp_path: Path) -> None:
         await d.stop()
 
     run(test)
+
+
+def test_open_with_o_trunc_sets_the_times_of_an_empty_file(tmp_path: Path) -> None:
+    """POSIX: open(O_TRUNC) of an existing file marks its mtime and ctime for update, whatever its size."""
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        await d.write_file("e", b"")
+        ino = await d.resolve("e")
+        before = await d.ops.getattr(ino, Ctx())
+        await trio.sleep(0.002)  # a later timestamp (clock resolution), not a synchronisation
+        await d.ops.release((await d.ops.open(ino, os.O_WRONLY | os.O_TRUNC, Ctx())).fh)
+        after = await d.ops.getattr(ino, Ctx())
+        assert after.st_mtime_ns > before.st_mtime_ns and after.st_ctime_ns > before.st_ctime_ns
+        await d.stop()
+
+    run(test)

@@ -1,11 +1,12 @@
 """FIFOs, sockets and device nodes through a real mount: created, stat-ed, used, exported, kept across a remount,
-imported by a new file system; and directory link counts."""
+imported by a new file system; directory link counts; hard links."""
 
 from __future__ import annotations
 
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,51 @@ def test_special_files_through_a_mount(moto: MotoEndpoint, s3: Any, bucket: str,
         assert stat.S_ISREG(os.stat(m3.path / "null").st_mode)  # nodev: no device comes from S3
     finally:
         m3.cleanup()
+
+
+def test_hard_links_through_a_mount(moto: MotoEndpoint, s3: Any, bucket: str, home: Path, tmp_path: Path) -> None:
+    fs_id = create_fs(moto, f"s3://{bucket}", ExportPath=f"s3://{bucket}")
+    res, m = mount_fs(fs_id, tmp_path / "mnt", "export_delay=0.2")
+    assert m is not None, res.stderr
+    try:
+        root = m.path
+        os.mkdir(root / "d")
+        (root / "a").write_bytes(b"linked")
+        os.link(root / "a", root / "d/b")
+        os.link(root / "a", root / "c")
+        st = os.stat(root / "d/b")
+        assert st.st_ino == os.stat(root / "a").st_ino and st.st_nlink == 3
+        with open(root / "c", "ab") as f:  # a change through one name is seen through the others
+            f.write(b" thrice")
+        assert (root / "d/b").read_bytes() == b"linked thrice"
+        os.rename(root / "a", root / "c")  # onto another name of the same inode: nothing happens
+        assert (root / "a").exists() and os.stat(root / "c").st_nlink == 3
+        os.unlink(root / "a")
+        assert os.stat(root / "c").st_nlink == 2
+        os.rename(root / "c", root / "d/e")
+        assert os.stat(root / "d/b").st_nlink == 2
+        assert subprocess.run(["cp", "-al", str(root / "d"), str(root / "copy")], check=False).returncode == 0
+        assert os.stat(root / "copy/e").st_ino == st.st_ino and os.stat(root / "d/e").st_nlink == 4
+
+        def exported() -> bool:
+            names = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+            return names == {"d/", "d/b", "d/e", "copy/", "copy/b", "copy/e"}
+
+        wait_for(exported, 30, "one object per name")
+        for key in ("d/b", "d/e", "copy/b", "copy/e"):
+            assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"linked thrice"
+        m.unmount()
+        res, m = mount_fs(fs_id, tmp_path / "mnt", "")
+        assert m is not None, res.stderr
+        assert os.stat(m.path / "copy/b").st_ino == os.stat(m.path / "d/e").st_ino
+        assert os.stat(m.path / "d/b").st_nlink == 4
+    finally:
+        m.cleanup()
+    other = create_fs(moto, f"s3://{bucket}")  # a new file system imports each name as a file of its own
+    res, m2 = mount_fs(other, tmp_path / "mnt2", "")
+    assert m2 is not None, res.stderr
+    try:
+        assert os.stat(m2.path / "d/b").st_ino != os.stat(m2.path / "d/e").st_ino
+        assert os.stat(m2.path / "d/b").st_nlink == 1 and (m2.path / "copy/e").read_bytes() == b"linked thrice"
+    finally:
+        m2.cleanup()

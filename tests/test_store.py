@@ -141,10 +141,13 @@ def test_cache_parts(conn) -> None:  # type: ignore[no-untyped-def]
     assert parts.all() == []
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_an_older_database_is_upgraded_in_place(tmp_path: Path, version: int) -> None:
     conn = db.connect(tmp_path / "state.db")
-    conn.execute("ALTER TABLE inodes DROP COLUMN rdev")  # schema 4
+    conn.execute("DROP INDEX inodes_links")
+    conn.execute("ALTER TABLE inodes DROP COLUMN link_of")  # schema 5
+    if version < 4:
+        conn.execute("ALTER TABLE inodes DROP COLUMN rdev")  # schema 4
     if version == 2:
         conn.execute("DROP TABLE export_intents")  # schema 3
     db.set_setting(conn, "schema_version", str(version))

@@ -174,8 +174,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Entry ids: 1 and 2 for "." and "..", inode + 2 for the others. Inode numbers only grow, so the ids
-        # stay valid while entries are added concurrently.
+        # Entry ids: 1 and 2 for "." and "..", row number + 2 for the others (a hard link's name has a row of
+        # its own). Row numbers only grow, so the ids stay valid while entries are added concurrently.
         if start_id < 2:
             row = await self.ns.getattr(fh)
             for next_id, name, ino in ((1, b".", fh), (2, b"..", row.parent))[start_id:]:
@@ -183,11 +183,11 @@ class Operations(pyfuse3.Operations):
                     return
         after = max(start_id - 2, 0)
         while rows := await self.ns.entries(fh, after):
-            for row in rows:
-                if not pyfuse3.readdir_reply(token, os.fsencode(row.name), self._attrs(row), row.ino + 2):
+            for name, inode in rows:
+                if not pyfuse3.readdir_reply(token, os.fsencode(name.name), self._attrs(inode), name.ino + 2):
                     return
-                self.ns.remember(row.ino)
-                after = row.ino
+                self.ns.remember(inode.ino)
+                after = name.ino
 
     @fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -216,7 +216,7 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(row.mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if writable and flags & os.O_TRUNC and row.size:  # libfuse enables atomic O_TRUNC: it comes here
+        if writable and flags & os.O_TRUNC:  # libfuse enables atomic O_TRUNC: it comes here (times set if empty)
             row = self._truncate(inode, 0, {})
         fh = self._new_handle(inode, writable)
         if not writable and not row.dirty & DATA:
@@ -380,8 +380,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        _name(new_name)
-        raise pyfuse3.FUSEError(errno.EPERM)  # hard links are not supported
+        row = await self.ns.link(inode, new_parent_inode, _name(new_name))
+        self.ns.remember(row.ino)
+        return self._attrs(row)
 
     @fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

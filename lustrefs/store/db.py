@@ -13,7 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 -- One row per file, directory, symlink, FIFO, socket or device node the mount knows. Rows are created lazily,
@@ -43,6 +43,11 @@ CREATE TABLE IF NOT EXISTS inodes (
     import_etag TEXT,                             -- ETag of the object at this path when last imported ('' for a
                                                   -- directory from a listing); NULL: created or moved here locally
     rdev       INTEGER NOT NULL DEFAULT 0,        -- st_rdev of a character or block device (0 for the others)
+    link_of    INTEGER,                           -- hard links: the inode whose data and attributes this name shares
+                                                  -- (its row holds them; here only the name and its export state:
+                                                  -- parent, name, dirty, data_gen, exported_key, import_etag, and
+                                                  -- etag = the ETag of this name's exported object). NULL: the row
+                                                  -- is an inode itself (and, unless orphaned, its first name)
     UNIQUE (parent, name)
 );
 
@@ -61,6 +66,8 @@ CREATE INDEX IF NOT EXISTS inodes_subdirs ON inodes (parent) WHERE (mode & 61440
 -- The export ledger's look-ups: who is exported at a key, who reads its clean data from a key.
 CREATE INDEX IF NOT EXISTS inodes_exported_key ON inodes (exported_key) WHERE exported_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS inodes_key ON inodes (key);
+-- The other names of each hard-linked inode (its link count, the names an inode change makes dirty).
+CREATE INDEX IF NOT EXISTS inodes_links ON inodes (link_of) WHERE link_of IS NOT NULL;
 
 -- Keys to delete from the export prefix (unlinked or renamed entries), durable until done.
 CREATE TABLE IF NOT EXISTS pending_deletes (
@@ -105,9 +112,12 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     version = _version(conn)
-    if version in (2, 3):
-        # Version 3 added export_intents (created below), version 4 the device number of inodes.
-        conn.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
+    if version in (2, 3, 4):
+        # Version 3 added export_intents (created below), version 4 the device number of inodes, version 5 the
+        # names of hard links.
+        if version < 4:
+            conn.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
+        conn.execute("ALTER TABLE inodes ADD COLUMN link_of INTEGER")
         conn.execute("UPDATE settings SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
     elif version is not None and version < SCHEMA_VERSION:
         # Version 1 was read-only: it holds nothing that S3 cannot give again. Rebuild it.

@@ -61,10 +61,30 @@ class ExportLedger:
     # ------------------------------------------------------------------------------------- local changes
 
     def mark_dirty(self, ino: int, flags: int) -> None:
-        """A local change of ``ino``: it needs exporting (``data_gen`` counts the changes)."""
+        """A local change of ``ino``: it needs exporting (``data_gen`` counts the changes), under each of its
+        names if it is an inode with hard links; only that name if it is a hard link's row."""
         self.conn.execute(
-            "UPDATE inodes SET dirty = dirty | ?, data_gen = data_gen + 1, ctime_ns = ? WHERE ino = ?",
-            (flags, time.time_ns(), ino),
+            "UPDATE inodes SET dirty = dirty | ?, data_gen = data_gen + 1, ctime_ns = ? WHERE ino = ? OR link_of = ?",
+            (flags, time.time_ns(), ino, ino),
+        )
+
+    def mark_moved(self, ino: int) -> None:
+        """The name ``ino`` moved (a rename, or a directory above it renamed): it is exported at its new key."""
+        self.conn.execute("UPDATE inodes SET dirty = dirty | ?, data_gen = data_gen + 1 WHERE ino = ?", (META, ino))
+
+    def take_name(self, ino: int, link: Inode) -> None:
+        """Inode ``ino`` lost its own name and takes the name of its hard link ``link`` (whose row goes): the
+        export state of that name comes along. If both are clean, the link's object holds the inode's data: it
+        becomes the clean data, so nothing is read from the object of the name removed."""
+        inode = self.conn.execute("SELECT dirty, size FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if link.dirty == 0 and inode[0] & DATA == 0 and link.etag is not None:
+            self.conn.execute(
+                "UPDATE inodes SET key = ?, etag = ?, src_limit = ? WHERE ino = ?",
+                (link.exported_key, link.etag, inode[1], ino),
+            )
+        self.conn.execute(
+            "UPDATE inodes SET exported_key = ?, dirty = dirty | ?, data_gen = data_gen + 1 WHERE ino = ?",
+            (link.exported_key, link.dirty, ino),
         )
 
     def detach(self, ino: int, exported_key: str | None) -> None:
@@ -123,14 +143,20 @@ class ExportLedger:
         entry, if any other, is queued for deletion in the same transaction: the new key is durable before the
         old one can go.
         """
-        row = self.conn.execute("SELECT exported_key, data_gen, src_limit FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        row = self.conn.execute(
+            "SELECT exported_key, data_gen, src_limit, link_of FROM inodes WHERE ino = ?", (ino,)
+        ).fetchone()
         self._changed(key)
         self.conn.execute("DELETE FROM export_intents WHERE key = ?", (key,))
         old, unchanged = row[0], row[1] == gen
         self.conn.execute("UPDATE inodes SET exported_key = ? WHERE ino = ?", (key, ino))
         if old and old != key and not self.live(old):
             self.queue_delete(old)
-        if data is not None:
+        if data is not None and row[3] is not None:  # a hard link's name: its object, not the inode's data
+            self.conn.execute("UPDATE inodes SET etag = ? WHERE ino = ?", (data[0], ino))
+            if import_is_export:
+                self.conn.execute("UPDATE inodes SET import_etag = ? WHERE ino = ?", (data[0], ino))
+        elif data is not None:
             etag, size = data
             limit = size if unchanged else min(size, row[2])
             self.conn.execute(

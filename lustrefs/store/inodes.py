@@ -45,6 +45,7 @@ class Inode:
     exported_key: str | None
     import_etag: str | None
     rdev: int
+    link_of: int | None
 
     @property
     def is_dir(self) -> bool:
@@ -53,6 +54,11 @@ class Inode:
     @property
     def is_orphan(self) -> bool:
         return self.parent == ORPHAN
+
+    @property
+    def node(self) -> int:
+        """The inode this name is of (the kernel's inode number): ``link_of`` for a hard link's row."""
+        return self.ino if self.link_of is None else self.link_of
 
 
 COLUMNS = ", ".join(f.name for f in fields(Inode))
@@ -108,7 +114,7 @@ class InodeStore:
     def files_after(self, parent: int, ino: int, limit: int) -> list[Inode]:
         """The next ``limit`` regular files of ``parent`` after inode ``ino``, in listing order."""
         rows = self.conn.execute(
-            f"{_SELECT} WHERE parent = ? AND ino > ? AND (mode & ?) = ? ORDER BY ino LIMIT ?",
+            f"{_SELECT} WHERE parent = ? AND ino > ? AND (mode & ?) = ? AND link_of IS NULL ORDER BY ino LIMIT ?",
             (parent, ino, _TYPE_BITS, stat.S_IFREG, limit),
         )
         return [Inode(*r) for r in rows]
@@ -143,6 +149,15 @@ class InodeStore:
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM inodes").fetchone()[0]
 
+    def links(self, ino: int) -> list[Inode]:
+        """The rows of the other names of ``ino`` (its hard links), oldest first."""
+        rows = self.conn.execute(f"{_SELECT} WHERE link_of = ? ORDER BY ino", (ino,))
+        return [Inode(*r) for r in rows]
+
+    def count_links(self, ino: int) -> int:
+        """How many other names ``ino`` has (its link count is this, plus one unless it is orphaned)."""
+        return self.conn.execute("SELECT count(*) FROM inodes WHERE link_of = ?", (ino,)).fetchone()[0]
+
     # ------------------------------------------------------------------------------------- writing
 
     def insert(
@@ -163,14 +178,15 @@ class InodeStore:
         import_etag: str | None,
         ino: int | None = None,
         rdev: int = 0,
+        link_of: int | None = None,
     ) -> int:
-        """Insert an entry; returns its inode number (never reused: AUTOINCREMENT)."""
+        """Insert an entry (``link_of``: a new name of that inode); returns its number (never reused)."""
         cur = self.conn.execute(
             "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
-            " src_limit, meta_etag, exported_key, import_etag, rdev)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " src_limit, meta_etag, exported_key, import_etag, rdev, link_of)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ino, parent, name, mode, *owner, size, mtime_ns, mtime_ns, ctime_ns, key, etag, src_limit, meta_etag,
-             exported_key, import_etag, rdev),
+             exported_key, import_etag, rdev, link_of),
         )  # fmt: skip
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -188,6 +204,17 @@ class InodeStore:
     def set_target(self, ino: int, target: str, size: int) -> None:
         self.conn.execute("UPDATE inodes SET target = ?, size = ? WHERE ino = ?", (target, size, ino))
 
+    def separate(self, ino: int, node: Inode) -> None:
+        """A hard link's name becomes an inode of its own (another writer replaced its object in S3), with the
+        attributes of ``node`` until its object's are read."""
+        self.conn.execute(
+            "UPDATE inodes SET link_of = NULL, mode = ?, uid = ?, gid = ? WHERE ino = ?",
+            (node.mode, node.uid, node.gid, ino),
+        )
+
+    def set_ctime(self, ino: int, ctime_ns: int) -> None:
+        self.conn.execute("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (ctime_ns, ino))
+
     def set_times(self, ino: int, mtime_ns: int, ctime_ns: int) -> None:
         self.conn.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (mtime_ns, ctime_ns, ino))
 
@@ -198,11 +225,12 @@ class InodeStore:
         self.conn.execute(f"UPDATE inodes SET {sets} WHERE ino = ?", (*changes.values(), ino))
 
     def wrote(self, ino: int, end: int, now_ns: int) -> None:
-        """Data was written up to ``end``: size, mtime, ctime and the change counter."""
+        """Data was written up to ``end``: size, mtime, ctime and the change counter (of every name's export)."""
         self.conn.execute(
             "UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, data_gen = data_gen + 1 WHERE ino = ?",
             (end, now_ns, now_ns, ino),
         )
+        self.conn.execute("UPDATE inodes SET data_gen = data_gen + 1 WHERE link_of = ?", (ino,))
 
     def set_meta_implied(self, ino: int) -> None:
         """No object to read attributes from (an implied directory, a file deleted since it was listed)."""

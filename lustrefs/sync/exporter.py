@@ -142,7 +142,8 @@ class Writeback:
             self.s.writers[ino] = left
             return
         self.s.writers.pop(ino, None)
-        self.schedule(ino, self.delay)  # export() returns at once if nothing is dirty
+        for name in self.ns.names(ino):
+            self.schedule(name, self.delay)  # export() returns at once if nothing is dirty
 
     def queue_length(self) -> int:
         return len(self.s.due) + len(self.s.running)
@@ -244,10 +245,18 @@ class Writeback:
             self._one_finished()
 
     async def export_now(self, ino: int, attempts: int = 5) -> Failure | None:
-        """Export ``ino`` now whatever the policy (hsm_archive, export tasks); None once it is clean."""
+        """Export inode ``ino`` now under each of its names (a name's row: that name), whatever the policy
+        (hsm_archive, export tasks); None once they are clean."""
+        row = self.ns.find(ino)
+        if row is not None and row.node in self.s.writers:
+            return Failure("ResourceBusy", "the file is open for writing; it is exported once it is closed")
+        for name in self.ns.names(ino):
+            if failure := await self._export_name_now(name, attempts):
+                return failure
+        return None
+
+    async def _export_name_now(self, ino: int, attempts: int) -> Failure | None:
         for _ in range(attempts):
-            if ino in self.s.writers:
-                return Failure("ResourceBusy", "the file is open for writing; it is exported once it is closed")
             try:
                 row = self.ns.get(ino)
             except NoEntry:
@@ -303,14 +312,15 @@ class Writeback:
                 with db.transaction(self.ns.conn):
                     self.ledger.mark_clean(ino)
                 return
-            if ino in self.s.writers:
+            if row.node in self.s.writers:
                 self.s.due[ino] = math.inf  # exported when closed
                 return
+            node = row if row.link_of is None else self.ns.get(row.link_of)  # a hard link's data and attributes
             is_dir = stat.S_ISDIR(row.mode)
             desired = self.target.key(self.ns.path_key(ino), is_dir)
             if self.s.given_up.get(ino) == row.data_gen and not explicit:
                 return
-            if problem := self._refusal(row, desired, row.exported_key, explicit):
+            if problem := self._refusal(node.size, desired, row.exported_key, explicit):
                 code, message = problem
                 self.s.given_up[ino] = row.data_gen
                 self.s.errors[ino] = f"{code}: {message}"
@@ -325,14 +335,14 @@ class Writeback:
             if await self._protect(desired, ino):
                 continue  # data was copied to local parts meanwhile: decide again
             break
-        await self._upload(ino, row, desired)
+        await self._upload(ino, row.data_gen, node, desired)
 
-    async def _upload(self, ino: int, r: Inode, desired: str) -> None:
-        """Write the entry's object at ``desired`` (the key is free) and record the outcome."""
+    async def _upload(self, ino: int, gen: int, r: Inode, desired: str) -> None:
+        """Write the object of name ``ino`` (at ``data_gen`` ``gen``) at ``desired`` (the key is free) from the
+        data and attributes of inode ``r``, and record the outcome."""
         is_dir, is_link, is_file = stat.S_ISDIR(r.mode), stat.S_ISLNK(r.mode), stat.S_ISREG(r.mode)
-        gen = r.data_gen
         meta = to_user_metadata(r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns, r.rdev)
-        source = ObjectVersion(ino, r.key, r.etag, r.src_limit) if r.etag else None
+        source = ObjectVersion(r.ino, r.key, r.etag, r.src_limit) if r.etag else None
         done = self.s.busy[desired] = trio.Event()
         try:
             with db.transaction(self.ns.conn):
@@ -340,12 +350,12 @@ class Writeback:
             if is_dir or not (is_link or is_file):  # directories, FIFOs, sockets, devices: zero-length objects
                 etag = await self.repo.put(desired, b"", meta)
             elif is_link:
-                body = (await self.ns.readlink(ino)).encode("utf-8", "surrogateescape")
+                body = (await self.ns.readlink(r.ino)).encode("utf-8", "surrogateescape")
                 etag = await self.repo.put(desired, body, meta)
             elif not r.dirty & DATA and source is not None and source.size == r.size <= MAX_COPY_SIZE:
-                etag, source = await self._copy(ino, source, desired, meta)  # unchanged data: server-side
+                etag, source = await self._copy(r.ino, source, desired, meta)  # unchanged data: server-side
             else:
-                data = FileData(ino, r.size, source, bool(r.dirty & DATA))
+                data = FileData(r.ino, r.size, source, bool(r.dirty & DATA))
                 if r.size <= self.upload_part:
                     etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r.size), meta)
                 else:
@@ -411,11 +421,11 @@ class Writeback:
                     self.schedule(r.ino, 0)
         return bool(readers)
 
-    def _refusal(self, row: Inode, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
-        """Why this entry is not exported (FSx's codes), or None."""
+    def _refusal(self, size: int, desired: str, old_key: str | None, explicit: bool) -> tuple[str, str] | None:
+        """Why an entry of ``size`` bytes is not exported to ``desired`` (FSx's codes), or None."""
         if len(desired.encode()) > MAX_KEY_BYTES:
             return "PathSizeTooLong", f"The key {desired[:80]}… is longer than {MAX_KEY_BYTES} bytes; not exported."
-        if row.size > MAX_FILE_SIZE:
+        if size > MAX_FILE_SIZE:
             return "FileSizeTooLarge", f"{desired} is larger than 5 TiB; not exported."
         event = "NEW" if old_key is None else "CHANGED"
         if not explicit and event not in self.policy():
@@ -432,17 +442,16 @@ class Writeback:
         version): bytes changed during the upload are in local parts, which stay authoritative.
         """
         row = self.ns.find(ino)
-        placed = row is not None and row.parent != ORPHAN and self._key_of(row) == key
         with db.transaction(self.ns.conn):
-            if not placed:
+            if row is None or row.parent == ORPHAN or self._key_of(row) != key:
                 self.ledger.abandon(key)
                 self._wake.set()
                 return
             clean = self.ledger.record(ino, key, gen, None if no_data else (etag, size), self.target.base == "")
         self._wake.set()  # the old key may be queued for deletion
         if not clean:
-            self.s.due.setdefault(ino, time.monotonic() + (0 if ino not in self.s.writers else math.inf))
-        if no_data:
+            self.s.due.setdefault(ino, time.monotonic() + (0 if row.node not in self.s.writers else math.inf))
+        if no_data or row.link_of is not None:  # a hard link's object is not its inode's clean data
             return
         if clean:
             self.cache.adopt(ino, source, ObjectVersion(ino, key, etag, size))

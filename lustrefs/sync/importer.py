@@ -289,7 +289,11 @@ class Importer:
             )
             self.ns.inodes.set_import_etag(row.ino, obj.etag)
             return
-        if row.etag and row.ino in self.ns.open_counts:
+        if row.link_of is not None:  # a hard link's name: the new object makes it a file of its own
+            self.ns.separate(row)
+            self.notifier.entry(row.parent, row.name)
+            self.notifier.inode(row.link_of)
+        elif row.etag and row.ino in self.ns.open_counts:
             self.stale.setdefault(row.ino, set()).add(row.etag)  # open files keep reading what they opened
         elif row.etag:
             self.cache.drop_version(row.ino, row.etag)

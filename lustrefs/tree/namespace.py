@@ -35,6 +35,7 @@ from lustrefs.tree.loader import Defaults, TreeLoader
 
 log = logging.getLogger(__name__)
 
+LINK_MAX = 65_000  # names of one file (ext4's limit): link(2) fails with EMLINK beyond
 
 
 class Namespace:
@@ -99,10 +100,16 @@ class Namespace:
 
     def nlink(self, row: Inode) -> int:
         """st_nlink: a directory 2 + its subdirectories once listed (1 before: ``find`` must not rely on it, as on
-        file systems without link counts); anything else 1."""
+        file systems without link counts); anything else its names (0 once unlinked, while still open)."""
         if not row.is_dir:
-            return 1
+            return (0 if row.is_orphan else 1) + self.inodes.count_links(row.ino)
         return 2 + self.inodes.count_subdirs(row.ino) if row.listed else 1
+
+    def names(self, ino: int) -> list[int]:
+        """The rows of every name of inode ``ino`` (its own unless orphaned, then its hard links')."""
+        row = self.inodes.find(ino)
+        own = [ino] if row is not None and not row.is_orphan else []
+        return own + [r.ino for r in self.inodes.links(ino)]
 
     async def getattr(self, ino: int) -> Inode:
         """The inode's row, with its POSIX metadata applied (waits for its HEAD if needed)."""
@@ -127,10 +134,11 @@ class Namespace:
             row = self._child(parent, name)
         if row is None:
             raise NoEntry(name)
-        return await self.getattr(row.ino)
+        return await self.getattr(row.node)
 
-    async def entries(self, parent: int, after: int, limit: int = 256) -> list[Inode]:
-        """Up to ``limit`` entries of a directory with inode numbers above ``after``, metadata applied."""
+    async def entries(self, parent: int, after: int, limit: int = 256) -> list[tuple[Inode, Inode]]:
+        """Up to ``limit`` entries of a directory with row numbers above ``after``: (the name's row, the inode it
+        names; the same row unless it is a hard link), metadata applied."""
         dir_row = self.get(parent)
         if not stat.S_ISDIR(dir_row.mode):
             raise NotADirectoryError(parent)
@@ -148,7 +156,7 @@ class Namespace:
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
             rows = [self.get(r.ino) for r in rows]
-        return rows
+        return [(r, r if r.link_of is None else await self.getattr(r.link_of)) for r in rows]
 
     def files_after(self, parent: int, ino: int, limit: int) -> list[Inode]:
         """The next ``limit`` regular files of a directory after ``ino``, in listing order."""
@@ -223,9 +231,11 @@ class Namespace:
         self.inodes.set_times(ino, now, now)
 
     def mark_dirty(self, ino: int, flags: int, delay: float = 0.0) -> None:
-        """Record that ``ino`` needs exporting (in the caller's transaction) and tell the exporter."""
+        """Record that ``ino`` needs exporting (in the caller's transaction: every name of an inode, or one hard
+        link's name) and tell the exporter."""
         self.exports.mark_dirty(ino, flags)
-        self.on_change(ino, delay)
+        for name in self.names(ino):
+            self.on_change(name, delay)
 
     async def create(
         self, parent: int, name: str, mode: int, owner: tuple[int, int], target: str | None = None, rdev: int = 0
@@ -278,18 +288,63 @@ class Namespace:
             if self.inodes.has_children(row.ino):
                 raise OSError(errno.ENOTEMPTY, name)
         with db.transaction(self.conn):
-            self._orphan(row)
+            self._remove_name(row)
             self._touch_dir(parent)
-        self._purge_if_unused(row.ino)
+        self._purge_if_unused(row.node)
 
-    def _orphan(self, row: Inode) -> None:
-        """Detach an inode from the tree; its exported object is queued for deletion, its name whited out."""
-        if row.import_etag is not None:
+    def _remove_name(self, row: Inode, in_s3: bool = True) -> None:
+        """Take a name out of the tree, its name whited out; with ``in_s3``, its exported object is queued for
+        deletion. The last name of an inode orphans it (purged once unused); an inode losing its own name while
+        it has hard links takes the name of one of them, so that its row stays the one with a name."""
+        if in_s3 and row.import_etag is not None:
             self.inodes.whiteout(row.parent, row.name)
-        self.exports.detach(row.ino, row.exported_key)
-        if row.exported_key:
-            self.on_change(0, 0)
-        self.inodes.move(row.ino, ORPHAN, f"#{row.ino}")
+        if in_s3:
+            self.exports.detach(row.ino, row.exported_key)
+            if row.exported_key:
+                self.on_change(0, 0)
+        else:
+            self.exports.forget_object(row.ino)
+        if not row.is_dir:
+            self.inodes.set_ctime(row.node, time.time_ns())
+        if row.link_of is not None:
+            self.inodes.delete(row.ino)
+            return
+        links = self.inodes.links(row.ino)
+        if not links:
+            self.inodes.move(row.ino, ORPHAN, f"#{row.ino}")
+            return
+        heir = links[0]
+        self.inodes.delete(heir.ino)
+        self.inodes.move(row.ino, heir.parent, heir.name)
+        self.inodes.set_import_etag(row.ino, heir.import_etag)
+        self.exports.take_name(row.ino, heir)
+        self.on_change(row.ino, 0)
+
+    async def link(self, ino: int, new_parent: int, new_name: str) -> Inode:
+        """A new name of a file, symlink or special file (``link(2)``); exported as an object of its own."""
+        _check_new_name(new_parent, new_name)
+        await self._writable_dir(new_parent)
+        row = await self.getattr(ino)
+        if row.is_dir:
+            raise PermissionError(errno.EPERM, "hard links to directories are not allowed")
+        if row.is_orphan:
+            raise NoEntry(ino)  # unlinked: link(2) of an open file with no name fails (ENOENT)
+        if self._child(new_parent, new_name) is not None:
+            raise FileExistsError(new_name)
+        if self.nlink(row) >= LINK_MAX:
+            raise OSError(errno.EMLINK, new_name)
+        with db.transaction(self.conn):
+            name = self.inodes.insert(
+                parent=new_parent, name=new_name, mode=row.mode, owner=(row.uid, row.gid), key="", size=0,
+                mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns, etag=None, src_limit=0, meta_etag=IMPLIED,
+                exported_key=None, import_etag=None, link_of=ino,
+            )  # fmt: skip
+            self.inodes.drop_whiteout(new_parent, new_name)
+            self.exports.mark_dirty(name, META | (DATA if stat.S_ISREG(row.mode) else 0))
+            self.on_change(name, 0)
+            self.inodes.set_ctime(ino, time.time_ns())
+            self._touch_dir(new_parent)
+        return self.get(ino)
 
     async def rename(self, parent: int, name: str, new_parent: int, new_name: str, noreplace: bool) -> None:
         """Move an entry; a directory's whole subtree is loaded first, and every entry in it re-exported."""
@@ -301,8 +356,8 @@ class Namespace:
         if row is None:
             raise NoEntry(name)
         dest = self._child(new_parent, new_name)
-        if dest is not None and dest.ino == row.ino:
-            return
+        if dest is not None and dest.node == row.node:
+            return  # two names of one inode (or the same name): POSIX says do nothing
         if dest is not None:
             if noreplace:
                 raise FileExistsError(new_name)
@@ -319,18 +374,20 @@ class Namespace:
             moved = await self.load_subtree(row.ino)
         with db.transaction(self.conn):
             if dest is not None:
-                self._orphan(dest)
+                self._remove_name(dest)
             if row.import_etag is not None:
                 self.inodes.whiteout(parent, name)
             self.inodes.drop_whiteout(new_parent, new_name)
             self.inodes.move(row.ino, new_parent, new_name)
             for ino in moved:
-                self.mark_dirty(ino, META)
+                self.exports.mark_moved(ino)  # the moved names only, not other names of their inodes
+                self.on_change(ino, 0)
                 self.inodes.set_import_etag(ino, None)  # now local
+            self.inodes.set_ctime(row.node, time.time_ns())
             self._touch_dir(parent)
             self._touch_dir(new_parent)
         if dest is not None:
-            self._purge_if_unused(dest.ino)
+            self._purge_if_unused(dest.node)
 
     async def load_subtree(self, ino: int) -> list[int]:
         """List every directory below ``ino`` from S3 (as needed); returns the subtree's inodes, ``ino`` first."""
@@ -384,10 +441,16 @@ class Namespace:
     # ----------------------------------------------------------------------------------------- imports
 
     def remove_imported(self, row: Inode) -> None:
-        """An object deleted in S3: its entry goes, without deleting anything in S3 (in the caller's transaction)."""
-        self.exports.forget_object(row.ino)
-        self.inodes.move(row.ino, ORPHAN, f"#{row.ino}")
-        self._purge_if_unused(row.ino)
+        """An object deleted in S3: its name goes, without deleting anything in S3 (in the caller's transaction)."""
+        self._remove_name(row, in_s3=False)
+        self._purge_if_unused(row.node)
+
+    def separate(self, row: Inode) -> None:
+        """Another writer replaced the object of a hard link's name: the name becomes a file of its own (in the
+        caller's transaction; its new version is imported next)."""
+        assert row.link_of is not None
+        self.inodes.separate(row.ino, self.get(row.link_of))
+        self.inodes.set_ctime(row.link_of, time.time_ns())
 
 
 def _check_not_reserved(parent: int, name: str) -> None:
