@@ -319,6 +319,17 @@ def checks() -> list[Check]:
         (root / "f").write_bytes(b"x")
         return _changes(root / "f", lambda: os.chown(root / "f", 65534, 65534)), os.stat(root / "f").st_uid
 
+    @add("chown -1 -1: ctime changes (Linux)")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        return _changes(root / "f", lambda: os.chown(root / "f", -1, -1))
+
+    @add("truncate and write beyond the largest file size are EFBIG")
+    def _(root: Path) -> object:
+        (root / "f").write_bytes(b"x")
+        with open(root / "f", "r+b") as f:
+            return _errno(lambda: os.truncate(root / "f", 10**18)), _errno(lambda: os.pwrite(f.fileno(), b"x", 10**18))
+
     @add("utimes: sets atime and mtime, ctime changes")
     def _(root: Path) -> object:
         (root / "f").write_bytes(b"x")

@@ -11,6 +11,9 @@ ROOT_INODE = 1
 # SQLite allows, which AUTOINCREMENT never hands out (it fails with SQLITE_FULL instead).
 CONTROL_INODE = 2**63 - 1
 CONTROL_NAME = ".lustrefs"  # the daemon's control file at the mount root: the name is reserved there
+# The largest file size (as ldiskfs, the ext4 under Lustre's targets, with 4 KiB blocks): a write or truncate beyond
+# fails with EFBIG. Files above 5 TiB cannot be exported to S3 (FileSizeTooLarge) but can exist locally, as on FSx.
+MAX_FILE_BYTES = 16 * 1024**4
 
 # Lustre's enum hsm_states (lustre_user.h): the daemon computes a file's flags (lustrefs.daemon.hsm), the CLI prints
 # them as ``lfs hsm_state`` does (lustrefs.client.hsm).

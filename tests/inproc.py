@@ -46,6 +46,7 @@ class Fields:
     update_size: bool = False
     update_atime: bool = False
     update_mtime: bool = False
+    update_ctime: bool = False
 
 
 class Daemon:

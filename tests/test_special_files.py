@@ -10,7 +10,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from inproc import Ctx, Daemon, run
+from inproc import Ctx, Daemon, Fields, run
 from memrepo import Bucket
 
 from lustrefs.constants import ROOT_INODE
@@ -121,6 +121,36 @@ def test_open_with_o_trunc_sets_the_times_of_an_empty_file(tmp_path: Path) -> No
         await d.ops.release((await d.ops.open(ino, os.O_WRONLY | os.O_TRUNC, Ctx())).fh)
         after = await d.ops.getattr(ino, Ctx())
         assert after.st_mtime_ns > before.st_mtime_ns and after.st_ctime_ns > before.st_ctime_ns
+        await d.stop()
+
+    run(test)
+
+
+def test_chown_to_nobody_else_sets_the_ctime_and_huge_sizes_are_efbig(tmp_path: Path) -> None:
+    """chown(-1, -1) reaches the file system as a setattr of nothing: Linux sets the ctime. A size beyond the largest
+    file (16 TiB) is EFBIG, for truncate and write."""
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        fh = await d.write_file("f", b"x", close=False)
+        ino = await d.resolve("f")
+        before = await d.ops.getattr(ino, Ctx())
+        await trio.sleep(0.002)  # a later timestamp (clock resolution), not a synchronisation
+        after = await d.ops.setattr(ino, pyfuse3.EntryAttributes(), Fields(), None, Ctx())
+        assert after.st_ctime_ns > before.st_ctime_ns and after.st_mtime_ns == before.st_mtime_ns
+        attr = pyfuse3.EntryAttributes()
+        attr.st_size = 10**18
+        for call in (
+            d.ops.setattr(ino, attr, Fields(update_size=True), None, Ctx()),
+            d.ops.write(fh, 10**18, b"x"),
+        ):
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await call
+            assert exc.value.errno == errno.EFBIG
+        await d.ops.release(fh)
+        assert (await d.ops.getattr(ino, Ctx())).st_size == 1
         await d.stop()
 
     run(test)

@@ -20,7 +20,7 @@ import cachetools
 import pyfuse3
 
 from lustrefs import paths
-from lustrefs.constants import CONTROL_INODE
+from lustrefs.constants import CONTROL_INODE, MAX_FILE_BYTES
 from lustrefs.daemon import control_channel
 from lustrefs.daemon.control_channel import Control, ControlFile
 from lustrefs.data.cache import Buffer, Cache, FileData, ObjectVersion
@@ -288,6 +288,8 @@ class Operations(pyfuse3.Operations):
         if self.control_file.owns(fh):
             return await self.control_file.write(fh, off, buf)
         ino = self._handles[fh].ino
+        if off + len(buf) > MAX_FILE_BYTES:
+            raise pyfuse3.FUSEError(errno.EFBIG)
         self.ns.writing(ino)
         await self.cache.write(self._data(ino), off, buf)
         self.ns.wrote(ino, off + len(buf))
@@ -343,14 +345,19 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
             return self._attrs(self._truncate(inode, attr.st_size, changes))
-        if not changes:
-            return self._attrs(await self.ns.getattr(inode))
-        return self._attrs(self.ns.setattr(inode, changes))
+        if changes:
+            return self._attrs(self.ns.setattr(inode, changes))
+        # Nothing else to set: chown(-1, -1), after which Linux file systems set the ctime (FUSE passes it as
+        # FATTR_CTIME only with the writeback cache).
+        await self.ns.getattr(inode)  # its metadata first (a HEAD would set the ctime again)
+        return self._attrs(self.ns.set_ctime(inode, attr.st_ctime_ns if fields.update_ctime else time.time_ns()))
 
     def _truncate(self, inode: int, size: int, changes: dict[str, int]) -> Inode:
         """Set the size of a regular file (and any other ``changes``); data past ``size`` is gone."""
         if not stat.S_ISREG(self.ns.get(inode).mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if size > MAX_FILE_BYTES:
+            raise pyfuse3.FUSEError(errno.EFBIG)
         self.cache.truncate(self._data(inode), size)
         return self.ns.setattr(inode, {**changes, "size": size, "mtime_ns": changes.get("mtime_ns", time.time_ns())})
 

@@ -416,6 +416,11 @@ class Namespace:
             self.mark_dirty(ino, flags)
         return self.get(ino)
 
+    def set_ctime(self, ino: int, ctime_ns: int) -> Inode:
+        """A setattr of the ctime alone (``chown(-1, -1)``): nothing to export."""
+        self.inodes.set_ctime(ino, ctime_ns)
+        return self.get(ino)
+
     def writing(self, ino: int) -> None:
         """Data is about to be written: the file is dirty (its local parts authoritative) from now on."""
         row = self.inodes.find(ino)
