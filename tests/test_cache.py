@@ -19,11 +19,13 @@ from lustrefs.store import db
 PART = 64 * 1024
 
 
-def run_with(tmp_path: Path, capacity: int, test: Callable[[Cache, Bucket], Awaitable[None]]) -> None:
+def run_with(
+    tmp_path: Path, capacity: int, test: Callable[[Cache, Bucket], Awaitable[None]], part: int = PART
+) -> None:
     store = Bucket()
     conn = db.connect(tmp_path / "state.db")
     (tmp_path / "cache").mkdir()
-    cache = Cache(conn, MemoryRepository(store), [tmp_path / "cache"], capacity, 4 * PART, PART)
+    cache = Cache(conn, MemoryRepository(store), [tmp_path / "cache"], capacity, 4 * part, part)
     cache.load()
 
     async def main() -> None:
@@ -126,3 +128,21 @@ def test_a_version_gone_from_s3_is_estale_unless_cached(tmp_path: Path) -> None:
             await cache.read_source(old, PART, PART)
 
     run_with(tmp_path, 64 * PART, test)
+
+
+def test_a_random_small_read_costs_one_small_get_and_a_second_one_caches_the_part(tmp_path: Path) -> None:
+    big = 1024 * 1024  # parts larger than a small read
+    data = os.urandom(4 * big)
+
+    async def test(cache: Cache, store: Bucket) -> None:
+        obj = version(store, 2, "f", data)
+        assert bytes(await cache.read_source(obj, 2 * big + 10, 4096)) == data[2 * big + 10 : 2 * big + 4106]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.requests["GET"] == 1 and cache.cached_bytes(2) == 0  # nothing fetched behind it
+        assert bytes(await cache.read_source(obj, 2 * big + 9000, 4096)) == data[2 * big + 9000 :][:4096]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.requests["GET"] == 3 and cache.cached_bytes(2) == big  # read twice: the part is cached
+        assert bytes(await cache.read_source(obj, 2 * big + 5, 4096)) == data[2 * big + 5 : 2 * big + 4101]
+        assert store.requests["GET"] == 3
+
+    run_with(tmp_path, 64 * big, test, part=big)

@@ -1,18 +1,19 @@
 """Fetching object data into the cache: single-flight ranged GETs of runs of parts, and recent parts in memory.
 
 Concurrent readers of a missing part share one download (``_fetches``: part -> the fetch in flight, registered
-before any await); parts being read are pinned against eviction. Missing parts are fetched in contiguous runs
-of at most ``max_get`` bytes, one GET each, concurrently. Fetched data is served from memory first: the parts of
-recent GETs stay in a bounded in-memory set (``_recent``, ``recent_bytes``) from the moment the GET returns, so
-readers never wait for the disk write nor read the part back; those not yet on disk (``_unwritten``) are not
-indexed and stay in memory until written. Clean parts of 256 KiB or more are written with ``O_DIRECT`` where the
-file system allows it, in a worker thread (the FUSE file's pages already hold the data); smaller runs (small
-files) are written on the trio thread, cheaper than a thread hop. The read-ahead warms the parts ahead of a
-reader that are on disk with ``POSIX_FADV_WILLNEED``.
+before any await); parts being read are pinned against eviction. A small read (a random reader) into a part
+nobody fetches gets its own exact GET; the whole part is fetched only when a second small read lands in it
+(``_read_directly``). Missing parts are fetched in contiguous runs of at most ``max_get`` bytes, one GET each,
+concurrently. Fetched data is served from memory first: the parts of recent GETs stay in a bounded in-memory set
+(``_recent``, ``recent_bytes``) from the moment the GET returns, so readers never wait for the disk write nor read
+the part back; those not yet on disk (``_unwritten``) are not indexed and stay in memory until written. Clean
+parts of 256 KiB or more are written with ``O_DIRECT`` where the file system allows it, in a worker thread (the
+FUSE file's pages already hold the data); smaller runs (small files) are written on the trio thread, cheaper than
+a thread hop. The read-ahead warms the parts ahead of a reader that are on disk with ``POSIX_FADV_WILLNEED``.
 
-Owns: ``_fetches``, ``_recent``, ``_unwritten``, the prefetch nursery. The parts on disk, their pins and the
-room for a fetch are ``DiskParts``'s. Await points: :meth:`Fetcher.read_source` (a direct GET, waiting for
-fetches, reading parts from disk), :meth:`Fetcher.fetch_all`, :meth:`Fetcher.run` (hosts the background
+Owns: ``_fetches``, ``_recent``, ``_unwritten``, ``_read_directly``, the prefetch nursery. The parts on disk, their
+pins and the room for a fetch are ``DiskParts``'s. Await points: :meth:`Fetcher.read_source` (a direct GET, waiting
+for fetches, reading parts from disk), :meth:`Fetcher.fetch_all`, :meth:`Fetcher.run` (hosts the background
 fetches), and inside a fetch the GET and the disk write.
 """
 
@@ -22,6 +23,7 @@ import collections
 import logging
 from dataclasses import dataclass, field
 
+import cachetools
 import trio
 
 from lustrefs.data import diskio
@@ -33,6 +35,7 @@ from lustrefs.store.cacheparts import PartKey
 log = logging.getLogger(__name__)
 
 SMALL_READ = 128 * 1024  # reads up to this size into an absent part get their own exact GET
+DIRECT_MEMORY = 65_536  # parts remembered as read by a small GET (the second one there caches the part)
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Fetcher:
         self._recent: collections.OrderedDict[PartKey, memoryview] = collections.OrderedDict()
         self._recent_size = 0
         self._unwritten: set[PartKey] = set()
+        # Parts a small read got its own GET in: a second small read there fetches the whole part.
+        self._read_directly: cachetools.LRUCache[PartKey, bool] = cachetools.LRUCache(maxsize=DIRECT_MEMORY)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host background prefetches until cancelled."""
@@ -90,7 +95,10 @@ class Fetcher:
             self.stats.misses += len(keys)
             self.stats.direct_reads += 1
             data = await self.repo.get_range(obj.key, obj.etag, off, end)
-            self.prefetch(obj, off, end)
+            if any(k in self._read_directly for k in keys):
+                self.prefetch(obj, off, end)  # read there before: a hot part, worth its GET
+            else:  # a random reader costs one small GET, not a whole part competing with its next read
+                self._read_directly.update(dict.fromkeys(keys, True))
             return data
         with self.disk.pinned(keys):
             missing = [k for k in keys if not self._available(k)]
