@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -138,6 +138,7 @@ class MemoryRepository:
         self.requests = store.requests
         self.fast = None
         self.dead = False
+        self.upload_slots = trio.Semaphore(4)
 
     def kill(self) -> None:
         """The process of this client crashed: its requests from now on never reach the bucket."""
@@ -239,33 +240,34 @@ class MemoryRepository:
             await self._answer("DELETE", key)
         return failed
 
-    async def multipart_upload(
-        self,
-        key: str,
-        size: int,
-        part_size: int,
-        read: Callable[[int, int], Awaitable[bytes]],
-        metadata: dict[str, str],
-    ) -> str:
+    async def start_upload(self, key: str, metadata: dict[str, str]) -> str:
         await self._request("PUT", key)
-        upload_id, parts = self.store.new_upload(key, metadata)
-        try:
-            for number, off in enumerate(range(0, size, part_size), start=1):
-                body = await read(off, min(part_size, size - off))
-                await self._request("PUT", key)
-                parts[number] = body
-            await self._request("PUT", key)
-        except BaseException:
-            if not self.dead:
-                self.store.uploads.pop(upload_id, None)  # aborted
-            raise
-        del self.store.uploads[upload_id]
-        body = b"".join(parts[n] for n in sorted(parts))
+        return self.store.new_upload(key, metadata)[0]
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        await self._request("PUT", key)
+        if upload_id not in self.store.uploads:
+            raise NotFound(f"upload {upload_id} of {key}: NoSuchUpload")
+        self.store.uploads[upload_id][1][number] = body
+        return _etag(body)
+
+    async def complete_upload(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
+        await self._request("PUT", key)
+        if upload_id not in self.store.uploads:
+            raise NotFound(f"upload {upload_id} of {key}: NoSuchUpload")
+        _, parts, metadata = self.store.uploads.pop(upload_id)
+        body = b"".join(parts[n] for n in sorted(etags))
         self.store.put_object(key, body, metadata)
-        etag = f"{_etag(body)}-{len(parts)}"
+        etag = f"{_etag(body)}-{len(etags)}"
         self.objects[key].etag = etag
         await self._answer("PUT", key)
         return etag
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        if self.dead:
+            return  # a crashed process aborts nothing
+        await self._request("DELETE", key)
+        self.store.uploads.pop(upload_id, None)
 
     async def abort_uploads(self, key: str) -> int:
         await self._request("LIST", key)

@@ -452,3 +452,50 @@ def test_a_listing_older_than_an_export_does_not_undo_it(tmp_path: Path) -> None
         await d.stop()
 
     run(test)
+
+
+def parts_uploaded(store: Bucket) -> int:
+    return sum(len(parts) for _, parts, _ in store.uploads.values())
+
+
+def test_a_large_file_is_uploaded_from_its_close_and_appears_after_the_delay(tmp_path: Path) -> None:
+    """Write -> visible: the parts go out as soon as the file is closed, the object appears (the upload completes)
+    only once the export delay has passed, as FSx's rule says; a change within the delay aborts that upload."""
+    store = Bucket()
+    data = os.urandom(5 * MIB + 7)
+    delay = 1.0
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, delay=delay)
+        await d.start(nursery)
+        await d.write_file("big", data)
+        closed = trio.current_time()
+        with trio.fail_after(10):
+            while parts_uploaded(store) < 6:  # every part, before the delay is over
+                await trio.sleep(0.01)
+        assert trio.current_time() < closed + delay and "big" not in store.objects
+        with trio.fail_after(10):
+            while "big" not in store.objects:
+                await trio.sleep(0.01)
+        assert trio.current_time() >= closed + delay and store.objects["big"].body == data
+        assert store.uploads == {}
+
+        await d.write_file("big", data[::-1])  # rewritten, then changed again within the delay
+        with trio.fail_after(10):
+            while parts_uploaded(store) < 6:
+                await trio.sleep(0.01)
+        await d.chmod("big", 0o600)
+        await d.settled()
+        assert store.objects["big"].body == data[::-1] and store.uploads == {}
+        assert store.objects["big"].metadata["file-permissions"] == "0100600"
+
+        await d.write_file("gone", data)  # removed within the delay: its upload never completes
+        with trio.fail_after(10):
+            while parts_uploaded(store) < 6:
+                await trio.sleep(0.01)
+        await d.unlink("gone")
+        await d.settled()
+        assert "gone" not in store.objects and store.uploads == {}
+        assert await d.stop() == []
+
+    run(test)

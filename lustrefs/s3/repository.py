@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -81,6 +81,7 @@ class ObjectStore(Protocol):
     bucket: str
     requests: dict[str, int]  # requests sent, by kind (the mount's stats)
     fast: FastPath | None  # the GET/HEAD fast path, if any (its counters are in the stats)
+    upload_slots: trio.Semaphore  # multipart parts in flight, for the whole mount
 
     async def list_page(self, prefix: str, token: str | None, max_keys: int = 1000) -> Page: ...
     async def any_key(self, prefix: str) -> bool: ...
@@ -91,14 +92,10 @@ class ObjectStore(Protocol):
     async def copy(self, src_key: str, src_etag: str, key: str, metadata: dict[str, str]) -> str: ...
     async def delete_many(self, keys: list[str]) -> dict[str, str]: ...
     async def abort_uploads(self, key: str) -> int: ...
-    async def multipart_upload(
-        self,
-        key: str,
-        size: int,
-        part_size: int,
-        read: Callable[[int, int], Awaitable[bytes]],
-        metadata: dict[str, str],
-    ) -> str: ...
+    async def start_upload(self, key: str, metadata: dict[str, str]) -> str: ...
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str: ...
+    async def complete_upload(self, key: str, upload_id: str, etags: dict[int, str]) -> str: ...
+    async def abort_upload(self, key: str, upload_id: str) -> None: ...
 
 
 def _translate(exc: Exception, what: str) -> RepositoryError:
@@ -307,63 +304,41 @@ class Repository:
             )
         return len(ids)
 
-    async def multipart_upload(
-        self,
-        key: str,
-        size: int,
-        part_size: int,
-        read: Callable[[int, int], Awaitable[bytes]],
-        metadata: dict[str, str],
-    ) -> str:
-        """Upload ``size`` bytes produced by ``read(off, length)`` in parts, several in flight; returns the ETag."""
-        what = f"multipart upload s3://{self.bucket}/{key}"
-        upload = await self._call(
-            what,
+    async def start_upload(self, key: str, metadata: dict[str, str]) -> str:
+        """``CreateMultipartUpload``; returns the upload id."""
+        resp = await self._call(
+            f"multipart upload s3://{self.bucket}/{key}",
             "PUT",
             lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata, **self._sse()),
         )
-        upload_id = upload["UploadId"]
-        etags: dict[int, str] = {}
+        return resp["UploadId"]
 
-        async def one(number: int, off: int) -> None:
-            body = await read(off, min(part_size, size - off))
-            resp = await self._call(
-                f"{what} part {number}",
-                "PUT",
-                lambda: self.client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-                ),
-            )
-            etags[number] = resp["ETag"]
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        """``UploadPart`` number ``number``; returns the part's ETag."""
+        resp = await self._call(
+            f"multipart upload s3://{self.bucket}/{key} part {number}",
+            "PUT",
+            lambda: self.client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            ),
+        )
+        return resp["ETag"]
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for number, off in enumerate(range(0, size, part_size), start=1):
-                    await self.upload_slots.acquire()  # bounds the parts (and their memory) in flight
-                    nursery.start_soon(self._released_after, one, number, off)
-            parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
-            resp = await self._call(
-                what,
-                "PUT",
-                lambda: self.client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-                ),
-            )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._call(
-                        what,
-                        "DELETE",
-                        lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
-                    )
-                except RepositoryError as exc:
-                    log.warning("could not abort %s: %s", what, exc)
-            raise
+    async def complete_upload(self, key: str, upload_id: str, etags: dict[int, str]) -> str:
+        """``CompleteMultipartUpload`` of the parts ``etags`` (number -> ETag); returns the object's ETag."""
+        parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+        resp = await self._call(
+            f"multipart upload s3://{self.bucket}/{key}",
+            "PUT",
+            lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            ),
+        )
         return _etag(resp["ETag"])
 
-    async def _released_after(self, fn: Callable[[int, int], Awaitable[None]], number: int, off: int) -> None:
-        try:
-            await fn(number, off)
-        finally:
-            self.upload_slots.release()
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        await self._call(
+            f"abort upload s3://{self.bucket}/{key}",
+            "DELETE",
+            lambda: self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
+        )

@@ -5,7 +5,8 @@ recorded -> old key deleted -> clean), which is the only writer of the export st
 SQLite from the local change until its export is recorded, so nothing is lost to a crash: at start-up every
 dirty entry is exported again, and every key an interrupted request may have written (its intent) has its
 multipart uploads aborted and is deleted unless the tree names it. Content changes are exported once the file
-is closed and has been idle for ``delay`` seconds; metadata changes and renames at once. A failed export is
+is closed and has been idle for ``delay`` seconds (a file of several parts is uploaded from its close on, and its
+upload completes only then); metadata changes and renames at once. A failed export is
 logged in the event log and retried with backoff; the file stays dirty (and in the cache) meanwhile.
 
 One request per key at a time: an export waits while its key is being written or deleted. Before an object is
@@ -79,6 +80,7 @@ class _State:
     writers: dict[int, int] = field(default_factory=dict)  # ino -> handles open for writing
     busy: dict[str, trio.Event] = field(default_factory=dict)  # key -> set when its request (or recovery) ends
     stale: set[str] = field(default_factory=set)  # intents of an earlier run, not recovered yet (busy meanwhile)
+    release_at: dict[int, float] = field(default_factory=dict)  # ino -> monotonic time its upload may complete
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class Writeback:
         self._finished = trio.Event()  # set (and replaced) whenever an export ends
         self._files = trio.CapacityLimiter(parallel_files)
         self._delete_backoff = 0.0
+        self._unmounting = trio.Event()  # set by flush: uploads held back until their export is due complete now
 
     # ----------------------------------------------------------------------------------------- scheduling
 
@@ -142,8 +145,23 @@ class Writeback:
             self.s.writers[ino] = left
             return
         self.s.writers.pop(ino, None)
+        early = self._uploads_early(ino)
         for name in self.ns.names(ino):
-            self.schedule(name, self.delay)  # export() returns at once if nothing is dirty
+            if early:  # its parts go out now; the object appears (the upload completes) after the delay
+                self.s.release_at[name] = time.monotonic() + self.delay
+            self.schedule(name, 0 if early else self.delay)  # export() returns at once if nothing is dirty
+
+    def _uploads_early(self, ino: int) -> bool:
+        """Whether a file just closed is uploaded from now on rather than after ``delay``: a multipart upload
+        (larger than one part) of new data, held before its completion until the delay has passed."""
+        row = self.ns.find(ino)
+        return (
+            self.delay > 0
+            and row is not None
+            and stat.S_ISREG(row.mode)
+            and bool(row.dirty & DATA)
+            and row.size > self.upload_part
+        )
 
     def queue_length(self) -> int:
         return len(self.s.due) + len(self.s.running)
@@ -187,6 +205,7 @@ class Writeback:
         deadline = time.monotonic() + timeout
         last_report = 0.0
         self.s.writers.clear()
+        self._unmounting.set()
         while (now := time.monotonic()) < deadline:
             waiting = self._left()
             if not waiting:
@@ -242,6 +261,7 @@ class Writeback:
             self.s.due.setdefault(ino, time.monotonic() + MAX_BACKOFF)
         finally:
             self.s.running.discard(ino)
+            self.s.release_at.pop(ino, None)
             self._one_finished()
 
     async def export_now(self, ino: int, attempts: int = 5) -> Failure | None:
@@ -335,11 +355,12 @@ class Writeback:
             if await self._protect(desired, ino):
                 continue  # data was copied to local parts meanwhile: decide again
             break
-        await self._upload(ino, row.data_gen, node, desired)
+        await self._upload(ino, row.data_gen, node, desired, hold=not explicit)
 
-    async def _upload(self, ino: int, gen: int, r: Inode, desired: str) -> None:
+    async def _upload(self, ino: int, gen: int, r: Inode, desired: str, hold: bool) -> None:
         """Write the object of name ``ino`` (at ``data_gen`` ``gen``) at ``desired`` (the key is free) from the
-        data and attributes of inode ``r``, and record the outcome."""
+        data and attributes of inode ``r``, and record the outcome. ``hold``: a multipart upload completes no
+        sooner than the name's ``release_at``."""
         is_dir, is_link, is_file = stat.S_ISDIR(r.mode), stat.S_ISLNK(r.mode), stat.S_ISREG(r.mode)
         meta = to_user_metadata(r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns, r.rdev)
         source = ObjectVersion(r.ino, r.key, r.etag, r.src_limit) if r.etag else None
@@ -359,17 +380,69 @@ class Writeback:
                 if r.size <= self.upload_part:
                     etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r.size), meta)
                 else:
-                    etag = await self.repo.multipart_upload(
-                        desired, r.size, self.upload_part, lambda off, n: self.cache.read_bytes(data, off, n), meta
-                    )
+                    etag = await self._multipart(ino, gen, desired, data, meta, hold)
         except BaseException:
-            with db.transaction(self.ns.conn):
-                self.ledger.abandon(desired)  # the object may exist: deleted unless the tree names it
+            etag = None
             raise
         finally:
+            if etag is None:  # failed, or superseded while held back
+                with db.transaction(self.ns.conn):
+                    self.ledger.abandon(desired)  # the object may exist: deleted unless the tree names it
             del self.s.busy[desired]
             done.set()
+        if etag is None:  # the entry changed, moved or was reopened meanwhile: decide again
+            self.s.due.setdefault(ino, time.monotonic())
+            return
         self._exported(ino, gen, desired, etag, source, r.size, not is_file)
+
+    async def _multipart(
+        self, ino: int, gen: int, key: str, data: FileData, meta: dict[str, str], hold: bool
+    ) -> str | None:
+        """Upload ``data`` to ``key`` in parts (several in flight), then complete the upload once the name's
+        export is due (``release_at``: the parts go out from the close on, the object appears after the delay).
+        Returns the new ETag, or None if the entry changed, moved or was reopened for writing meanwhile: the
+        upload is then aborted and never completed, as on any failure."""
+        upload_id = await self.repo.start_upload(key, meta)
+        etag = None
+        try:
+            etags: dict[int, str] = {}
+            async with trio.open_nursery() as nursery:
+                for number, off in enumerate(range(0, data.size, self.upload_part), start=1):
+                    await self.repo.upload_slots.acquire()  # bounds the parts (and their memory) in flight
+                    nursery.start_soon(self._upload_part, key, upload_id, number, data, off, etags)
+            if hold:
+                with trio.move_on_at(trio.current_time() + self.s.release_at.get(ino, 0.0) - time.monotonic()):
+                    await self._unmounting.wait()
+            if self._still(ino, gen, key):
+                etag = await self.repo.complete_upload(key, upload_id, etags)
+        finally:
+            if etag is None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.repo.abort_upload(key, upload_id)
+                    except RepositoryError as exc:  # left to the bucket's lifecycle rules; logged
+                        log.warning("could not abort the upload to %s: %s", key, exc)
+        return etag
+
+    async def _upload_part(
+        self, key: str, upload_id: str, number: int, data: FileData, off: int, etags: dict[int, str]
+    ) -> None:
+        try:
+            body = await self.cache.read_bytes(data, off, min(self.upload_part, data.size - off))
+            etags[number] = await self.repo.upload_part(key, upload_id, number, body)
+        finally:
+            self.repo.upload_slots.release()
+
+    def _still(self, ino: int, gen: int, key: str) -> bool:
+        """Whether name ``ino`` is still at ``data_gen`` ``gen``, maps to ``key`` and is not open for writing."""
+        row = self.ns.find(ino)
+        return (
+            row is not None
+            and row.parent != ORPHAN
+            and row.data_gen == gen
+            and row.node not in self.s.writers
+            and self._key_of(row) == key
+        )
 
     async def _copy(
         self, ino: int, source: ObjectVersion, desired: str, meta: dict[str, str]
