@@ -32,8 +32,8 @@ def _entries(ns: Namespace) -> list[str]:
             try:
                 names, after = [], 0
                 while rows := await ns.entries(ROOT_INODE, after):
-                    names += [name.name for name, _ in rows]
-                    after = rows[-1][0].ino
+                    names += [r.name for r in rows]
+                    after = rows[-1].ino
                 return names
             except RepositoryError as exc:
                 return exc

@@ -154,3 +154,27 @@ def test_chown_to_nobody_else_sets_the_ctime_and_huge_sizes_are_efbig(tmp_path: 
         await d.stop()
 
     run(test)
+
+
+def test_a_readdir_entry_waits_for_its_own_head_only(tmp_path: Path) -> None:
+    """A readdir page starts the HEADs of all its entries, and each entry returned waits only for its own: the
+    kernel takes a few dozen entries per call, and they must not wait for a whole page's HEADs."""
+    store = Bucket()
+    for i in range(50):
+        store.put_object(f"d/f{i:02d}", b"x", {"file-permissions": "0100600"})
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        x = await d.resolve("d")
+        held = store.gate("HEAD", lambda key: key != "d/f00")
+        with trio.fail_after(5):
+            rows = await d.ns.entries(x, 0)
+            first = await d.ns.entry(rows[0])
+        assert (rows[0].name, first.mode) == ("f00", stat.S_IFREG | 0o600)
+        await held.wait_arrived(49)  # every other HEAD of the page was sent at once
+        held.open()
+        assert [(await d.ns.entry(r)).mode for r in rows] == [stat.S_IFREG | 0o600] * 50
+        await d.stop()
+
+    run(test)

@@ -183,7 +183,8 @@ class Operations(pyfuse3.Operations):
                     return
         after = max(start_id - 2, 0)
         while rows := await self.ns.entries(fh, after):
-            for name, inode in rows:
+            for name in rows:
+                inode = await self.ns.entry(name)
                 if not pyfuse3.readdir_reply(token, os.fsencode(name.name), self._attrs(inode), name.ino + 2):
                     return
                 self.ns.remember(inode.ino)

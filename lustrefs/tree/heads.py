@@ -2,8 +2,9 @@
 
 A listing gives names, sizes and ETags; the attributes need a HEAD per object. Entries are queued as they are
 listed, and a bounded pool of workers HEADs them in the background; ``ensure`` of one entry (a lookup, getattr or
-readdir page) waits only for that entry, or issues its HEAD at once. Concurrent callers share one HEAD. The
-attributes are stored with the ETag they belong to (``meta_etag``), so each object version is HEADed once.
+readdir entry) waits only for that entry, or issues its HEAD at once; a readdir page starts the HEADs of all its
+entries at once (``start``). Concurrent callers share one HEAD. The attributes are stored with the ETag they
+belong to (``meta_etag``), so each object version is HEADed once.
 
 Await points: ``repo.head`` only. State: the in-flight HEADs and the queue (the trio thread's).
 """
@@ -55,16 +56,28 @@ class MetadataLoader:
         self.enabled = enabled
         self.workers = workers
         self._heads: dict[int, _Head] = {}
+        self._nursery: trio.Nursery | None = None  # hosts the workers and the HEADs of readdir pages
         self._send, self._recv = trio.open_memory_channel[int](math.inf)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the workers until cancelled; entries left without metadata by an earlier run are queued first."""
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.workers):
-                nursery.start_soon(self._worker)
-            for ino in self.inodes.awaiting_head():
-                self._send.send_nowait(ino)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for _ in range(self.workers):
+                    nursery.start_soon(self._worker)
+                for ino in self.inodes.awaiting_head():
+                    self._send.send_nowait(ino)
+                task_status.started()
+        finally:
+            self._nursery = None
+
+    def start(self, inos: list[int]) -> None:
+        """HEAD these entries now, all at once (a readdir page; the endpoint limiter bounds the requests)."""
+        if self.enabled and self._nursery is not None:
+            for ino in inos:
+                if ino not in self._heads:
+                    self._nursery.start_soon(self._ensure_quietly, ino)
 
     def queue(self, ino: int) -> None:
         """HEAD ``ino`` in the background."""
@@ -73,8 +86,11 @@ class MetadataLoader:
 
     async def _worker(self) -> None:
         async for ino in self._recv:
-            with contextlib.suppress(Exception):  # logged by ensure; a later getattr tries again
-                await self.ensure(ino)
+            await self._ensure_quietly(ino)
+
+    async def _ensure_quietly(self, ino: int) -> None:
+        with contextlib.suppress(Exception):  # logged by ensure; the getattr that needs it tries again
+            await self.ensure(ino)
 
     async def ensure(self, ino: int) -> None:
         """Apply the POSIX metadata of ``ino`` (one HEAD, shared by concurrent callers). Raises NoEntry."""

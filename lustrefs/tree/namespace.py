@@ -23,7 +23,6 @@ import trio
 
 from lustrefs import paths
 from lustrefs.constants import ROOT_INODE
-from lustrefs.data.cache import first_error
 from lustrefs.errors import NoEntry
 from lustrefs.events import EventLog
 from lustrefs.s3.repository import ObjectStore
@@ -136,9 +135,10 @@ class Namespace:
             raise NoEntry(name)
         return await self.getattr(row.node)
 
-    async def entries(self, parent: int, after: int, limit: int = 256) -> list[tuple[Inode, Inode]]:
-        """Up to ``limit`` entries of a directory with row numbers above ``after``: (the name's row, the inode it
-        names; the same row unless it is a hard link), metadata applied."""
+    async def entries(self, parent: int, after: int, limit: int = 256) -> list[Inode]:
+        """Up to ``limit`` names of a directory with row numbers above ``after``, in order (waits for the listing).
+        The HEADs of those whose metadata is pending start now, all at once; :meth:`entry` waits for one of them,
+        so a readdir waits only for the entries the kernel takes, not for a whole page."""
         dir_row = self.get(parent)
         if not stat.S_ISDIR(dir_row.mode):
             raise NotADirectoryError(parent)
@@ -147,16 +147,12 @@ class Namespace:
         if after == 0:
             self.loader.list_subdirs_ahead(parent)
         rows = self.inodes.page(parent, after, limit, hidden=paths.CONTROL_NAME)  # hidden by the control file
-        pending = [r.ino for r in rows if r.meta_etag is None]
-        if pending:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for ino in pending:
-                        nursery.start_soon(self.meta.ensure, ino)
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            rows = [self.get(r.ino) for r in rows]
-        return [(r, r if r.link_of is None else await self.getattr(r.link_of)) for r in rows]
+        self.meta.start([r.ino for r in rows if r.meta_etag is None])
+        return rows
+
+    async def entry(self, row: Inode) -> Inode:
+        """The inode that a name from :meth:`entries` stands for, its metadata applied (a hard link's: its inode)."""
+        return await self.getattr(row.node)
 
     def files_after(self, parent: int, ino: int, limit: int) -> list[Inode]:
         """The next ``limit`` regular files of a directory after ``ino``, in listing order."""
