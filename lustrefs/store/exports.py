@@ -23,7 +23,7 @@ import collections
 import sqlite3
 import time
 
-from lustrefs.store.inodes import COLUMNS, ORPHAN, Inode
+from lustrefs.store.inodes import ORPHAN, ROW, Inode
 
 MAX_CHANGES = 100_000  # keys whose last change the ledger remembers in memory (for importers' stale listings)
 DATA, META = 1, 2  # dirty flags: content to export, attributes or name to export
@@ -218,5 +218,5 @@ class ExportLedger:
 
     def readers_of(self, key: str) -> list[Inode]:
         """Entries (live, or unlinked) whose clean data is the object ``key`` and that have bytes to read from it."""
-        sql = f"SELECT {COLUMNS} FROM inodes WHERE key = ? AND etag IS NOT NULL AND src_limit > 0 AND (dirty & ?) = 0"
+        sql = f"SELECT {ROW} FROM inodes WHERE key = ? AND etag IS NOT NULL AND src_limit > 0 AND (dirty & ?) = 0"
         return [Inode(*r) for r in self.conn.execute(sql, (key, DATA))]

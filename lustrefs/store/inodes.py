@@ -46,6 +46,7 @@ class Inode:
     import_etag: str | None
     rdev: int
     link_of: int | None
+    links: int  # not a column: how many rows name this inode besides its own (its hard links), when read
 
     @property
     def is_dir(self) -> bool:
@@ -61,8 +62,10 @@ class Inode:
         return self.ino if self.link_of is None else self.link_of
 
 
-COLUMNS = ", ".join(f.name for f in fields(Inode))
-_SELECT = f"SELECT {COLUMNS} FROM inodes"
+# The columns of an Inode, and its link count computed in SQLite with each row (an index probe, no query of its own).
+COLUMNS = ", ".join(f.name for f in fields(Inode) if f.name != "links")
+ROW = f"{COLUMNS}, (SELECT count(*) FROM inodes AS name WHERE name.link_of = inodes.ino)"
+_SELECT = f"SELECT {ROW} FROM inodes"
 # Attributes a setattr may change (the FUSE layer's names are the columns').
 SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "src_limit"})
 
@@ -153,10 +156,6 @@ class InodeStore:
         """The rows of the other names of ``ino`` (its hard links), oldest first."""
         rows = self.conn.execute(f"{_SELECT} WHERE link_of = ? ORDER BY ino", (ino,))
         return [Inode(*r) for r in rows]
-
-    def count_links(self, ino: int) -> int:
-        """How many other names ``ino`` has (its link count is this, plus one unless it is orphaned)."""
-        return self.conn.execute("SELECT count(*) FROM inodes WHERE link_of = ?", (ino,)).fetchone()[0]
 
     # ------------------------------------------------------------------------------------- writing
 

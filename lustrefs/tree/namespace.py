@@ -101,7 +101,7 @@ class Namespace:
         """st_nlink: a directory 2 + its subdirectories once listed (1 before: ``find`` must not rely on it, as on
         file systems without link counts); anything else its names (0 once unlinked, while still open)."""
         if not row.is_dir:
-            return (0 if row.is_orphan else 1) + self.inodes.count_links(row.ino)
+            return (0 if row.is_orphan else 1) + row.links
         return 2 + self.inodes.count_subdirs(row.ino) if row.listed else 1
 
     def names(self, ino: int) -> list[int]:
@@ -152,6 +152,8 @@ class Namespace:
 
     async def entry(self, row: Inode) -> Inode:
         """The inode that a name from :meth:`entries` stands for, its metadata applied (a hard link's: its inode)."""
+        if row.link_of is None and row.meta_etag is not None:
+            return row  # as read with the page: no query of its own (a warm ls -l of 5,000 entries)
         return await self.getattr(row.node)
 
     def files_after(self, parent: int, ino: int, limit: int) -> list[Inode]:
