@@ -10,7 +10,7 @@ import sys
 from .dataset import GIB, parse_size
 from .endpoints import KINDS
 from .mounts import SYSTEM_KEYS
-from .runner import OUT, Settings, run
+from .runner import CASES, OUT, Settings, run
 
 DESCRIPTION = """\
 Benchmark lustrefs and its peers (s3fs, rclone) against one S3 endpoint on 127.0.0.1, with the raw endpoint
@@ -28,6 +28,14 @@ def _systems(text: str) -> list[str]:
         choices = ", ".join(SYSTEM_KEYS)
         raise argparse.ArgumentTypeError(f"unknown system(s) {', '.join(unknown)}; choose from {choices}")
     return names
+
+
+def _cases(text: str) -> tuple[str, ...]:
+    names = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = sorted(names - set(CASES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    return tuple(c for c in CASES if c in names)
 
 
 def _size(text: str) -> int:
@@ -63,15 +71,23 @@ def parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help=f"file systems to run (default all: {','.join(SYSTEM_KEYS)})",
     )
+    p.add_argument(
+        "--cases",
+        type=_cases,
+        default=CASES,
+        metavar="A,B",
+        help=f"cases to run on each file system (default all: {','.join(CASES)}); the raw endpoint always runs",
+    )
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="limit of each operation (600 s)")
     p.add_argument(
         "--samples", type=int, default=None, metavar="N", help="latency samples, median reported (default 9, quick 5)"
     )
     p.add_argument(
         "--populate",
-        choices=("auto", "api"),
+        choices=("auto", "api", "disk"),
         default="auto",
-        help="auto: write s3rver's store directly on disk; api: S3 PUTs (default auto)",
+        help="how the bucket is filled: api: S3 PUTs; disk: files written into s3rver's store (fast, s3rver only);"
+        " auto (default): api for the suite, disk for --million",
     )
     p.add_argument(
         "--no-install",
@@ -112,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_work=args.keep_work,
         million=args.million,
         lustrefs_rev=args.lustrefs_rev,
+        cases=args.cases,
         argv=shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
     )
     _, md, js = run(settings)

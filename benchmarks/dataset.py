@@ -6,6 +6,7 @@ that holds only sub-folders)::
     big/big.bin                 one big object (default 1 GiB)
     tree/d000/f000 … d099/f099  the tree: 100 directories × 100 files of 4 KiB
     wide/f0000 … f4999          one directory of 5,000 files of 4 KiB
+    write/                      empty: each file system writes its big file here (deleted after each write case)
     million/d000/f000 …         (only with --million) many tiny objects, for the metadata memory case
 """
 
@@ -70,18 +71,21 @@ class DataSet:
     wide: Tree = field(default_factory=lambda: Tree("wide/", 0, 5000, 4 * KIB))
     bucket: str = "lustrefs-bench"
     big_key: str = "big/big.bin"
+    write_size: int = 256 * MIB  # the write case's file
+    write_prefix: str = "write/"
 
     @classmethod
     def make(cls, big_size: int, quick: bool) -> DataSet:
         if quick:
-            return cls(big_size, Tree("tree/", 10, 100, 4 * KIB), Tree("wide/", 0, 500, 4 * KIB))
+            return cls(big_size, Tree("tree/", 10, 100, 4 * KIB), Tree("wide/", 0, 500, 4 * KIB), write_size=32 * MIB)
         return cls(big_size)
 
     def describe(self) -> str:
         t, w = self.tree, self.wide
         return (
             f"s3://{self.bucket}: {self.big_key} {fmt_size(self.big_size)}; {t.prefix} {t.dirs} dirs × {t.per_dir}"
-            f" files of {fmt_size(t.size)}; {w.prefix} {w.count} files of {fmt_size(w.size)}"
+            f" files of {fmt_size(t.size)}; {w.prefix} {w.count} files of {fmt_size(w.size)}; files of"
+            f" {fmt_size(self.write_size)} written into {self.write_prefix}"
         )
 
 
@@ -203,9 +207,9 @@ class S3rverDiskWriter:
         self._write(key, random_blocks(size))
 
 
-def writer_for(endpoint: Endpoint, bucket: str, method: str) -> Writer:
-    """The disk writer for an s3rver we started (unless ``method`` is ``api``), else S3 PUTs."""
-    if endpoint.data_dir is not None and method != "api":
+def writer_for(endpoint: Endpoint, bucket: str, direct: bool) -> Writer:
+    """With ``direct``, the disk writer for an s3rver we started; else (and for other endpoints) S3 PUTs."""
+    if endpoint.data_dir is not None and direct:
         return S3rverDiskWriter(endpoint.data_dir, bucket)
     return ApiWriter(endpoint.client(pool=PUT_WORKERS + 4), bucket)
 
@@ -222,11 +226,12 @@ def _write_tree(writer: Writer, tree: Tree) -> None:
 
 
 def populate(ds: DataSet, endpoint: Endpoint, method: str) -> tuple[float, str]:
-    """Create the bucket and write the data set; returns (seconds, how it was written)."""
+    """Create the bucket and write the data set, with S3 PUTs as a user would unless ``method`` is ``disk``;
+    returns (seconds, how it was written)."""
     start = time.perf_counter()
     create_bucket(endpoint, ds.bucket)
-    writer = writer_for(endpoint, ds.bucket, method)
-    writer.put_many([(ds.big_key.split("/")[0] + "/", 0)])
+    writer = writer_for(endpoint, ds.bucket, direct=method == "disk")
+    writer.put_many([(ds.big_key.split("/")[0] + "/", 0), (ds.write_prefix, 0)])
     for tree in (ds.tree, ds.wide):
         _write_tree(writer, tree)
     writer.put_big(ds.big_key, ds.big_size)
@@ -234,10 +239,11 @@ def populate(ds: DataSet, endpoint: Endpoint, method: str) -> tuple[float, str]:
 
 
 def populate_tree(tree: Tree, endpoint: Endpoint, bucket: str, method: str) -> tuple[float, str]:
-    """Write one tree of tiny objects (and its folder marker), creating the bucket if needed; (seconds, how)."""
+    """Write one tree of tiny objects (and its folder marker), creating the bucket if needed, into s3rver's store
+    directly unless ``method`` is ``api`` (a million PUTs take about an hour); returns (seconds, how)."""
     start = time.perf_counter()
     create_bucket(endpoint, bucket)
-    writer = writer_for(endpoint, bucket, method)
+    writer = writer_for(endpoint, bucket, direct=method != "api")
     if isinstance(writer, S3rverDiskWriter):
         writer.metadata_files = False
     _write_tree(writer, tree)

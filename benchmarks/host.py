@@ -1,4 +1,4 @@
-"""The machine the benchmark runs on: timed commands with timeouts, the page cache, process memory, tools."""
+"""The machine the benchmark runs on: timed commands with timeouts, the page cache, process memory and CPU, tools."""
 
 from __future__ import annotations
 
@@ -180,6 +180,16 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) the process has used so far, in seconds; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (not a zombie)."""
     try:
@@ -230,6 +240,90 @@ def tool_version(argv: list[str]) -> str:
         return "?"
     lines = (res.stdout or res.stderr).strip().splitlines()
     return lines[0] if lines else "?"
+
+
+class Bystanders:
+    """What else was running: a background thread samples, every ``interval`` seconds, the CPU time of the
+    processes that are not part of the run (not this process nor its descendants, nor a process naming ``mark``,
+    the run's work directory, on its command line, such as a detached lustrefs daemon; kernel threads are left
+    out). A process first seen in a sample counts with all its CPU time; one that starts and ends between two
+    samples is missed, so the figure is a lower bound."""
+
+    def __init__(self, mark: str, interval: float = 1.0) -> None:
+        self.mark = mark
+        self.interval = interval
+        self.cpu: dict[str, float] = {}  # command -> CPU seconds used during the run
+        self.total = 0.0  # CPU seconds of all of them so far (read by the run while the thread samples)
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="bystanders")
+        self._started = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> Bystanders:
+        self._started = time.monotonic()
+        self._sample(record=False)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.seconds = time.monotonic() - self._started
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError, ValueError):
+                self._sample(record=True)
+
+    def _sample(self, record: bool) -> None:
+        procs: dict[int, tuple[int, float]] = {}  # pid -> (ppid, CPU seconds)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                    procs[int(entry.name)] = (int(fields[1]), cpu)
+        ours, me = set(), os.getpid()
+        for pid in procs:  # this process and its descendants
+            chain, p = [], pid
+            while p in procs and p not in ours and p != me and p > 1:
+                chain.append(p)
+                p = procs[p][0]
+            if p == me or p in ours:
+                ours.update(chain)
+        last, self._last = self._last, {}
+        for pid, (ppid, cpu) in procs.items():
+            if pid == me or pid in ours or ppid == 2 or pid == 2:
+                continue
+            try:
+                argv = (Path(f"/proc/{pid}") / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not any(argv) or self.mark in os.fsdecode(b" ".join(argv)):
+                continue  # no command line: an exited process not reaped yet (e.g. a detached lustrefs daemon)
+            command = " ".join(os.fsdecode(a) for a in argv[:4] if a)
+            self._last[pid] = cpu
+            if record and cpu > last.get(pid, 0.0):  # a new process: all its CPU time is the run's
+                self.cpu[command[:60]] = self.cpu.get(command[:60], 0.0) + cpu - last.get(pid, 0.0)
+                self.total += cpu - last.get(pid, 0.0)
+
+    def describe(self, top: int = 3) -> str:
+        total = self.total
+        if not self.seconds:
+            return "not watched"
+        cores = total / self.seconds
+        busiest = sorted(self.cpu.items(), key=lambda kv: -kv[1])[:top]
+        detail = "; ".join(f"`{name}` {sec:,.0f} CPU-s" for name, sec in busiest if sec >= 1)
+        return f"{total:,.0f} CPU-s, {cores:.2f} cores on average" + (f" ({detail})" if detail else "")
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages (other work on the machine moves every figure), or ``?``."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def machine() -> str:

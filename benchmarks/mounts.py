@@ -1,8 +1,9 @@
 """The file systems under test, each mounted fresh (cold) and torn down even on failure.
 
-lustrefs runs through its own CLI (``create-file-system`` + ``mount``; a fresh file system per mount, deleted
-afterwards); s3fs and rclone run in the foreground as child processes. Every mount is unmounted with
-``fusermount3 -u`` (lazily if busy) and its process stopped by PID; every wait has a timeout.
+lustrefs runs through its own CLI (``create-file-system`` with ``ExportPath`` = ``ImportPath``, then ``mount``;
+a fresh file system per mount, deleted afterwards); s3fs and rclone run in the foreground as child processes.
+Every mount is unmounted with ``fusermount3 -u`` (lazily if busy) and its process stopped by PID; every wait has
+a timeout.
 """
 
 from __future__ import annotations
@@ -81,8 +82,12 @@ class FileSystem(ABC):
         """The mount command line (for the report), with its version."""
 
     @abstractmethod
-    def mounted(self) -> contextlib.AbstractContextManager[Mounted]:
-        """A fresh, cold mount of the bucket at ``self.mountpoint``."""
+    def mounted(self, extra_options: str = "") -> contextlib.AbstractContextManager[Mounted]:
+        """A fresh, cold mount of the bucket at ``self.mountpoint`` (``extra_options``: see write_variants)."""
+
+    def write_variants(self) -> dict[str, str]:
+        """The mounts the write case runs on: metric-key suffix -> extra mount options ("" as configured)."""
+        return {"": ""}
 
     def scratch(self) -> Path:
         """A new, empty directory for one mount's private files (config, cache, log)."""
@@ -120,6 +125,10 @@ class Lustrefs(FileSystem):
     def describe(self) -> str:
         return "lustrefs mount FS_ID MNT" + (f" -o {self.options}" if self.options else "")
 
+    def write_variants(self) -> dict[str, str]:
+        """As configured (the default export_delay), and with the export at close (the issue's goal)."""
+        return {"": "", "_delay0": "export_delay=0"}
+
     def _cli(self, *args: str, timeout: float = MOUNT_TIMEOUT) -> str:
         argv = [sys.executable, "-m", self.cli_module, *args]
         try:
@@ -139,7 +148,8 @@ class Lustrefs(FileSystem):
             return None
 
     @contextlib.contextmanager
-    def mounted(self) -> Iterator[Mounted]:
+    def mounted(self, extra_options: str = "") -> Iterator[Mounted]:
+        bucket = f"s3://{self.ds.bucket}"
         out = self._cli(
             "--endpoint-url",
             self.endpoint.url,
@@ -149,13 +159,14 @@ class Lustrefs(FileSystem):
             "--storage-capacity",
             "1200",
             "--lustre-configuration",
-            f"ImportPath=s3://{self.ds.bucket}",
+            f"ImportPath={bucket},ExportPath={bucket}",  # written files go to their own keys, as on the peers
         )
         fs_id = json.loads(out)["FileSystem"]["FileSystemId"]
         pid = None
         try:
             self.mountpoint.mkdir(parents=True, exist_ok=True)
-            self._cli("mount", fs_id, str(self.mountpoint), *(["-o", self.options] if self.options else []))
+            opts = ",".join(filter(None, [self.options, extra_options]))
+            self._cli("mount", fs_id, str(self.mountpoint), *(["-o", opts] if opts else []))
             pid = self._daemon_pid(fs_id)
             if pid is None:
                 raise CaseError(f"lustrefs mount of {fs_id} left no mount.json")
@@ -191,7 +202,9 @@ class PeerFs(FileSystem):
         return tool_version([self.binary, "--version"])
 
     @contextlib.contextmanager
-    def mounted(self) -> Iterator[Mounted]:
+    def mounted(self, extra_options: str = "") -> Iterator[Mounted]:
+        if extra_options:
+            raise ValueError(f"{self.key} takes no extra mount options (asked for {extra_options!r})")
         scratch = self.scratch()
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         log_path = scratch / "mount.log"
@@ -235,7 +248,6 @@ class Rclone(PeerFs):
         self.server_modtime = server_modtime
         self.key = "rclone-modtime" if server_modtime else "rclone"
         self.label = "rclone full + server-modtime" if server_modtime else "rclone full"
-        self.reads = not server_modtime
         super().__init__(endpoint, ds, work)
 
     def _flags(self) -> list[str]:
@@ -268,7 +280,7 @@ def file_systems(endpoint: Endpoint, ds: DataSet, work: Path, keys: list[str]) -
     make: dict[str, Callable[[], FileSystem]] = {
         "lustrefs": lambda: Lustrefs(endpoint, ds, work, "", "lustrefs", "lustrefs", reads=True),
         "lustrefs-nometa": lambda: Lustrefs(
-            endpoint, ds, work, "posix_metadata=off", "lustrefs-nometa", "lustrefs posix_metadata=off", reads=False
+            endpoint, ds, work, "posix_metadata=off", "lustrefs-nometa", "lustrefs posix_metadata=off", reads=True
         ),
         "s3fs": lambda: S3fs(endpoint, ds, work),
         "rclone": lambda: Rclone(endpoint, ds, work, server_modtime=False),

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from .cases import MB, PROBE
 from .host import CaseError, PageCache
 
@@ -120,3 +122,18 @@ def small_gets(client: Any, bucket: str, keys: list[str], size: int, inflight: i
     if n != size * len(keys):
         raise CaseError(f"small GETs: {n} bytes, expected {size * len(keys)}")
     return len(keys) / elapsed
+
+
+def has_object(client: Any, bucket: str, key: str, size: int) -> bool:
+    """Whether a HEAD of ``key`` finds the object with ``size`` bytes (a 404 is False, not an error)."""
+    try:
+        return client.head_object(Bucket=bucket, Key=key)["ContentLength"] == size
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return False
+        raise
+
+
+def delete(client: Any, bucket: str, key: str) -> None:
+    """Delete ``key`` (whether or not it exists)."""
+    client.delete_object(Bucket=bucket, Key=key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,9 +37,23 @@ FS_METRICS = [
     Metric("ls_cold_s", "`ls -l` of the wide directory, cold, s", 2),
     Metric("ls_warm_s", "`ls -l` of the wide directory, warm, s", 3),
     Metric("cat_fps", "`cat` of every file of the tree, cold, files/s", 0),
+    Metric("random_read_ms", "4 KiB random read (open + pread) on a mount that knows the file, page cache dropped"
+           " (median), ms", 1),
+    Metric("write_mbps", "write of a new big file → visible in S3 (open to a HEAD with the full size), MB/s", 0),
+    Metric("write_visible_s", "write → visible: seconds from close() to visible in S3", 2),
+    Metric("write_delay0_mbps", "write → visible, mounted with export_delay=0, MB/s", 0),
+    Metric("write_delay0_visible_s", "write → visible, export_delay=0: seconds from close() to visible", 2),
+    Metric("cpu_read_cold_s_gib", "serving process CPU, cold read, s per GiB read", 2),
+    Metric("cpu_read_dropped_s_gib", "serving process CPU, re-read after dropping the page cache, s per GiB", 2),
+    Metric("cpu_find_cold_s_kfile", "serving process CPU, `find`+stat cold, s per 1,000 files", 3),
+    Metric("cpu_cat_s_kfile", "serving process CPU, `cat` cold, s per 1,000 files", 3),
+    Metric("cpu_write_s_gib", "serving process CPU, write → visible, s per GiB written", 2),
+    Metric("rss_start_mib", "serving process peak RSS (VmHWM) just after mounting, MiB", 0),
     Metric("rss_read_mib", "serving process peak RSS (VmHWM), big-file cases, MiB", 0),
     Metric("rss_meta_mib", "serving process peak RSS (VmHWM), tree cases, MiB", 0),
-]
+    Metric("rss_write_mib", "serving process peak RSS (VmHWM), write case, MiB", 0),
+    Metric("other_cores", "other processes on the machine during this column's cases, cores (CPU-s per s)", 2),
+]  # fmt: skip
 RAW_METRICS = [
     Metric("raw_get_mbps", "one GET of the whole big object, MB/s", 0),
     Metric("raw_range4_mbps", "8 MiB ranged GETs, 4 in flight, MB/s", 0),
@@ -58,6 +73,45 @@ LOCAL_METRICS = [
     Metric("local_find_warm_s", "local disk: `find`+stat of a copy of the tree, warm, s", 3),
 ]
 LABELS = {m.key: m for m in FS_METRICS + RAW_METRICS + LOCAL_METRICS}
+
+
+@dataclass(frozen=True)
+class IssueRow:
+    """One row of issue 13's table. Each system's cell shows ``figures``, separated by ``;``: a metric, with a
+    second one in parentheses if given (absent ones are left out). The raw column shows the first present of
+    ``reference`` (``(section, metric, short name)``; for throughputs the highest)."""
+
+    label: str
+    figures: tuple[tuple[str, str | None], ...]
+    reference: tuple[tuple[str, str, str], ...] = ()
+
+
+def _row(label: str, *metrics: str, reference: tuple[tuple[str, str, str], ...] = ()) -> IssueRow:
+    return IssueRow(label, tuple((m, None) for m in metrics), reference)
+
+
+RAW_READS = (("raw", "raw_range8_mbps", "8 MiB ×8"), ("raw", "raw_range4_mbps", "8 MiB ×4"),
+             ("raw", "raw_get_mbps", "whole GET"))  # fmt: skip
+ISSUE_ROWS = [
+    _row("cold read of the big file, MB/s", "read_cold_mbps", reference=RAW_READS),
+    _row("re-read after drop_caches (lustrefs, rclone: their disk cache), MB/s", "read_dropped_mbps",
+         reference=(("local", "local_read_cold_mbps", "local disk, cold"),)),
+    _row("find + stat of the tree, cold, s", "find_cold_s",
+         reference=(("raw", "raw_tree_head16_s", "HEADs ×16: the HEAD floor"),)),
+    _row("ls -l of the wide directory, cold, s", "ls_cold_s", reference=(("raw", "raw_wide_list_s", "its LIST"),)),
+    _row("ls -l of the wide directory, warm, s", "ls_warm_s"),
+    _row("cat of the tree, cold, files/s", "cat_fps", reference=(("raw", "raw_small_get8_fps", "GET/s ×8"),)),
+    IssueRow("write → visible in S3, MB/s (s from close to visible); lustrefs: default export_delay; then 0",
+             (("write_mbps", "write_visible_s"), ("write_delay0_mbps", "write_delay0_visible_s"))),
+    _row("4 KiB random read (open + pread), ms", "random_read_ms",
+         reference=(("raw", "raw_latency_ms", "4 KiB ranged GET"),)),
+    _row("CPU s per GiB: cold read; disk-cache re-read", "cpu_read_cold_s_gib", "cpu_read_dropped_s_gib"),
+    _row("CPU s per 1,000 files: find + stat cold; cat cold", "cpu_find_cold_s_kfile", "cpu_cat_s_kfile"),
+    _row("CPU s per GiB written (write → visible)", "cpu_write_s_gib"),
+    _row("peak RSS, MiB: after mounting; big-file cases; tree cases", "rss_start_mib", "rss_read_mib",
+         "rss_meta_mib"),
+    _row("other processes on the machine meanwhile, cores", "other_cores"),
+]  # fmt: skip
 
 
 @dataclass
@@ -118,6 +172,20 @@ def measure(res: SystemResult, metric: str, fn: Any) -> float | None:
     return value
 
 
+def record_sample(res: SystemResult, metric: str, value: float) -> None:
+    """Add one sample of ``metric``; its figure is the median of the samples so far."""
+    res.samples.setdefault(metric, []).append(float(value))
+    res.metrics[metric] = statistics.median(res.samples[metric])
+
+
+def measure_sample(res: SystemResult, metric: str, fn: Any) -> float | None:
+    """:func:`measure` one sample of ``metric`` (see :func:`record_sample`)."""
+    value = measure(res, metric, fn)
+    if value is not None:
+        record_sample(res, metric, value)
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 
 
@@ -147,11 +215,41 @@ def reference_table(results: Results) -> str:
     return "\n".join(rows)
 
 
+def _has(res: SystemResult, key: str) -> bool:
+    return key in res.metrics or key in res.failed
+
+
+def _issue_cell(res: SystemResult, row: IssueRow) -> str:
+    parts = [_cell(res, LABELS[m]) + (f" ({_cell(res, LABELS[then])})" if then and _has(res, then) else "")
+             for m, then in row.figures if _has(res, m)]  # fmt: skip
+    return "; ".join(parts) or "—"
+
+
+def _reference_cell(results: Results, row: IssueRow) -> str:
+    present = [(v, name, key) for section, key, name in row.reference
+               if (v := results.figure(section, key)) is not None]  # fmt: skip
+    if not present:
+        return "—"
+    value, name, key = max(present) if row.figures[0][0].endswith("_mbps") else present[0]
+    return f"{value:,.{LABELS[key].decimals}f} ({name})"
+
+
+def issue_table(results: Results) -> str:
+    """Issue 13's table: its rows, the raw endpoint (or local disk) and every file system that ran."""
+    ran = [r for r in results.systems.values() if r.skipped is None]
+    rows = ["| metric | raw / reference | " + " | ".join(r.label for r in ran) + " |", "|---" * (len(ran) + 2) + "|"]
+    for row in ISSUE_ROWS:
+        if any(_has(r, m) for r in ran for m, _ in row.figures):
+            cells = [_reference_cell(results, row), *(_issue_cell(r, row) for r in ran)]
+            rows.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def targets_table(results: Results) -> str:
-    rows = ["| target | lustrefs | reference | ratio | goal | result |", "|---|---|---|---|---|---|"]
+    rows = ["| target | issue | lustrefs | reference | ratio | goal | result |", "|---|---|---|---|---|---|---|"]
     for t in results.targets:
         reference = _num(t["reference"]) + (f" ({t['reference_name']})" if t["reference"] is not None else "")
-        cells = [_num(t["value"]), reference, _num(t["ratio"], 2), t["goal"]]
+        cells = [t["issues"], _num(t["value"]), reference, _num(t["ratio"], 2), t["goal"]]
         verdict = "n/a" if t["met"] is None else ("**met**" if t["met"] else "missed")
         rows.append(f"| {t['name']} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(rows)
@@ -167,10 +265,13 @@ def markdown(results: Results) -> str:
     """The whole report: context, the tables, targets, failures and skipped peers."""
     meta = results.meta
     out = [f"# lustrefs benchmark — {meta.get('date', '')}", ""]
-    for key in ("endpoint", "machine", "dataset", "populate", "page_cache", "lustrefs", "command", "wall_time"):
+    keys = ("endpoint", "machine", "load", "other_processes", "dataset", "populate", "page_cache", "lustrefs",
+            "command", "wall_time")  # fmt: skip
+    for key in keys:
         if key in meta:
             out.append(f"- {key.replace('_', ' ')}: {meta[key]}")
     if results.systems:
+        out += ["", "## Issue 13's table", "", issue_table(results)]
         out += ["", "## File systems", "", fs_table(results)]
     if results.raw.metrics or results.local.metrics or results.raw.failed:
         out += ["", "## Raw endpoint (boto3) and local disk, same run", "", reference_table(results)]

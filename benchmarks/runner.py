@@ -1,9 +1,15 @@
-"""The order of a run: endpoint, data set, raw endpoint, local disk, then each file system on fresh mounts."""
+"""The order of a run: endpoint, data set, raw endpoint, local disk, then each file system on fresh mounts.
+
+On each file system the cases run in the order of CASES, each on its own fresh mount(s); the serving process's
+CPU time and peak RSS are read from ``/proc`` around them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -13,18 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from lustrefs.mounts import mounts as mount_table
 
 from . import cases, dataset, raw, report, targets
 from .dataset import DataSet
 from .endpoints import Endpoint, open_endpoint
-from .host import CaseError, OpTimeout, PageCache, machine, peak_rss
+from .host import Bystanders, CaseError, OpTimeout, PageCache, cpu_seconds, load_average, machine, peak_rss
 from .mounts import SOURCE_DIR, FileSystem, Lustrefs, Mounted, file_systems
-from .report import Results, SystemResult, log, measure
+from .report import Results, SystemResult, log, measure, measure_sample, record_sample
 
 OUT = Path(__file__).resolve().parent / "out"
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024**2
+GIB = 1024**3
+CASES = ("latency", "random", "read", "tree", "cat", "write")  # on each file system, in this order
+CPU_SETTLE = 1.0  # seconds a case's background work (cache writes, uploads) gets before its CPU time is read
+REPEATS = 3  # fresh mounts for the big-file read and write cases (each figure: the median), as the issue's harness
 
 
 @dataclass
@@ -38,19 +50,21 @@ class Settings:
     systems: list[str]
     timeout: float
     samples: int
-    populate: str  # "auto" (s3rver: write its store directly) or "api"
+    populate: str  # "api" (S3 PUTs), "disk" (s3rver: write its store directly) or "auto" (see dataset.populate*)
     allow_install: bool
     keep_work: bool
     million: int  # 0: the normal suite; else the many-objects metadata case with this many objects
     lustrefs_rev: str | None  # benchmark this git revision of lustrefs/ (exported) instead of the working tree
     argv: str
+    cases: tuple[str, ...] = CASES  # the file-system cases to run (the raw endpoint and local disk always run)
 
 
 class Run:
     """One benchmark run; ``results`` fills up as it goes."""
 
-    def __init__(self, settings: Settings, endpoint: Endpoint, work: Path, results: Results) -> None:
+    def __init__(self, settings: Settings, endpoint: Endpoint, work: Path, results: Results, watch: Bystanders) -> None:
         self.s = settings
+        self.watch = watch  # what else runs on the machine
         self.ep = endpoint
         self.work = work
         self.results = results
@@ -58,6 +72,7 @@ class Run:
         self.ds = DataSet.make(settings.big_size, settings.quick)
         self.client = endpoint.client(pool=20)
         self.offsets = cases.spread_offsets(self.ds.big_size, settings.samples, seed=1)
+        self._write_data: bytes | None = None
 
     def cold(self, *paths: Path) -> None:
         """Drop the page cache (with fadvise: of ``paths`` and of the endpoint's store)."""
@@ -71,6 +86,34 @@ class Run:
             return fn()
 
         return run
+
+    @staticmethod
+    def with_cpu(
+        res: SystemResult, metric: str, m: Mounted, per: float, fn: Callable[[], float]
+    ) -> Callable[[], float]:
+        """``fn``, also recording as a sample of ``metric`` the CPU seconds the serving process spent on it (and in
+        the CPU_SETTLE seconds after it) divided by ``per`` (GiB, thousands of files)."""
+
+        def run() -> float:
+            before = cpu_seconds(m.pid)
+            value = fn()
+            time.sleep(CPU_SETTLE)
+            after = cpu_seconds(m.pid)
+            if before is not None and after is not None:
+                record_sample(res, metric, (after - before) / per)
+            return value
+
+        return run
+
+    def write_key(self, fs: FileSystem, suffix: str) -> str:
+        """The key (and path in the mount) of the file the write case writes on ``fs``."""
+        return f"{self.ds.write_prefix}{fs.key}{suffix}.bin"
+
+    def write_data(self) -> bytes:
+        """The random content of the write case (made once, outside any timing)."""
+        if self._write_data is None:
+            self._write_data = os.urandom(self.ds.write_size)
+        return self._write_data
 
     # ------------------------------------------------------------------------------------------ suite
 
@@ -138,11 +181,16 @@ class Run:
 
     # ------------------------------------------------------------------------------------- file systems
 
-    def session(self, fs: FileSystem, rss_metric: str, body: Callable[[Mounted], None]) -> None:
+    def session(
+        self, fs: FileSystem, rss_metric: str, body: Callable[[Mounted], None], extra_options: str = ""
+    ) -> None:
         """One fresh mount: run ``body`` on it, record the server's peak RSS and counters, tear it down."""
         res = self.results.systems[fs.key]
         try:
-            with fs.mounted() as m:
+            with fs.mounted(extra_options) as m:
+                start_rss = peak_rss(m.pid)
+                if start_rss is not None:
+                    res.metrics["rss_start_mib"] = min(res.metrics.get("rss_start_mib", math.inf), start_rss / MIB)
                 try:
                     body(m)
                 finally:
@@ -161,25 +209,38 @@ class Run:
     def file_system(self, fs: FileSystem) -> None:
         res, t, ds = self.results.systems[fs.key], self.s.timeout, self.ds
         log(f"{fs.label}: starting")
+        others, started = self.watch.total, time.monotonic()
         backing = [self.work / "lustrefs-home"] if isinstance(fs, Lustrefs) else []
-        samples: list[float] = []  # first-byte latency: one per fresh mount, each at its own offset
+        big_gib, kfiles = ds.big_size / GIB, ds.tree.count / 1000
 
         def big(m: Mounted) -> Path:
             return m.path / ds.big_key
 
-        def latency(m: Mounted, offset: int) -> None:
-            measure(res, "latency_ms", lambda: samples.append(cases.first_byte_latency(big(m), offset, self.cache, t)))
+        def latency(m: Mounted, offset: int) -> None:  # one sample per fresh mount, each at its own offset
+            measure_sample(res, "latency_ms", lambda: cases.first_byte_latency(big(m), offset, self.cache, t) * 1000)
+
+        def random_reads(m: Mounted) -> None:
+            def run() -> float:
+                reads = cases.random_reads(big(m), self.offsets, self.cache, t)
+                res.samples["random_read_ms"] = [r * 1000 for r in reads]
+                return cases.median(reads) * 1000
+
+            measure(res, "random_read_ms", run)
 
         def reads(m: Mounted) -> None:
             f, size = big(m), ds.big_size
-            measure(res, "read_cold_mbps", self.after_drop(lambda: cases.read_mbps(f, size, t), f, *backing))
-            measure(res, "read_page_mbps", lambda: cases.read_mbps(f, size, t))
-            measure(res, "read_dropped_mbps", self.after_drop(lambda: cases.read_mbps(f, size, t), f, *backing))
+            read = self.with_cpu(res, "cpu_read_cold_s_gib", m, big_gib, lambda: cases.read_mbps(f, size, t))
+            measure_sample(res, "read_cold_mbps", self.after_drop(read, f, *backing))
+            measure_sample(res, "read_page_mbps", lambda: cases.read_mbps(f, size, t))
+            read = self.with_cpu(res, "cpu_read_dropped_s_gib", m, big_gib, lambda: cases.read_mbps(f, size, t))
+            measure_sample(res, "read_dropped_mbps", self.after_drop(read, f, *backing))
 
         def tree_ops(m: Mounted) -> None:
             tree, wide = m.path / ds.tree.name, m.path / ds.wide.name
             self.cold()
-            measure(res, "find_cold_s", lambda: cases.find_stat(tree, ds.tree.count, t))
+            find = self.with_cpu(res, "cpu_find_cold_s_kfile", m, kfiles,
+                                 lambda: cases.find_stat(tree, ds.tree.count, t))  # fmt: skip
+            measure(res, "find_cold_s", find)
             measure(res, "find_warm_s", lambda: cases.find_stat(tree, ds.tree.count, t))
             self.cold()  # the wide directory has not been looked at yet on this mount
             measure(res, "ls_cold_s", lambda: cases.ls_long(wide, ds.wide.count, t))
@@ -187,17 +248,42 @@ class Run:
 
         def cat(m: Mounted) -> None:
             self.cold()
-            measure(res, "cat_fps", lambda: cases.cat_files(m.path / ds.tree.name, ds.tree.relpaths(), t))
+            tree, files = m.path / ds.tree.name, ds.tree.relpaths()
+            measure(res, "cat_fps", self.with_cpu(res, "cpu_cat_s_kfile", m, kfiles,
+                                                  lambda: cases.cat_files(tree, files, t)))  # fmt: skip
 
-        if fs.reads:
+        def write(m: Mounted, suffix: str) -> None:
+            key, data = self.write_key(fs, suffix), self.write_data()
+
+            def visible() -> bool:
+                return raw.has_object(self.client, ds.bucket, key, len(data))
+
+            def timed() -> float:
+                timing = cases.write_visible(m.path / key, data, visible, t)
+                record_sample(res, f"write{suffix}_visible_s", timing.close_to_visible)
+                return len(data) / timing.seconds / cases.MB
+
+            run = timed if suffix else self.with_cpu(res, "cpu_write_s_gib", m, len(data) / GIB, timed)
+            measure_sample(res, f"write{suffix}_mbps", run)
+
+        wanted = set(self.s.cases) - (set() if fs.reads else {"latency", "random", "read"})
+        if "latency" in wanted:
             for offset in self.offsets:
                 self.session(fs, "rss_read_mib", lambda m, offset=offset: latency(m, offset))
-            if samples:
-                res.samples["latency_ms"] = [s * 1000 for s in samples]
-                measure(res, "latency_ms", lambda: cases.median(samples) * 1000)
+        if "random" in wanted:
+            self.session(fs, "rss_read_mib", random_reads)
+        for _ in range(REPEATS if "read" in wanted else 0):
             self.session(fs, "rss_read_mib", reads)
-        self.session(fs, "rss_meta_mib", tree_ops)
-        self.session(fs, "rss_meta_mib", cat)
+        if "tree" in wanted:
+            self.session(fs, "rss_meta_mib", tree_ops)
+        if "cat" in wanted:
+            self.session(fs, "rss_meta_mib", cat)
+        if "write" in wanted:
+            for _, (suffix, options) in itertools.product(range(REPEATS), fs.write_variants().items()):
+                self.session(fs, "rss_write_mib", lambda m, suffix=suffix: write(m, suffix), options)
+                with contextlib.suppress(BotoCoreError, ClientError):  # the next mounts start without it
+                    raw.delete(self.client, ds.bucket, self.write_key(fs, suffix))
+        res.metrics["other_cores"] = (self.watch.total - others) / (time.monotonic() - started)
 
     # ---------------------------------------------------------------------------------------- million
 
@@ -276,20 +362,24 @@ def run(settings: Settings) -> tuple[Results, Path, Path]:
         "machine": machine(),
         "lustrefs": lustrefs_source(settings.lustrefs_rev, work),
         "command": f"`{settings.argv}`",
+        "load": f"load average {load_average()} at the start",
     }
     started = time.perf_counter()
+    watch = Bystanders(str(work))
     try:
-        with open_endpoint(settings.endpoint_kind, settings.endpoint_url, work, settings.allow_install) as ep:
+        with watch, open_endpoint(settings.endpoint_kind, settings.endpoint_url, work, settings.allow_install) as ep:
             results.meta["endpoint"] = f"{ep.kind} ({ep.version}) at {ep.url}"
             results.meta["endpoint_kind"] = ep.kind
             log(f"endpoint: {results.meta['endpoint']}")
-            r = Run(settings, ep, work, results)
+            r = Run(settings, ep, work, results, watch)
             if settings.million:
                 r.many_objects()
             else:
                 r.suite()
     finally:
         results.meta["wall_time"] = f"{(time.perf_counter() - started) / 60:.1f} min"
+        results.meta["load"] += f"; {load_average()} at the end"
+        results.meta["other_processes"] = watch.describe()
         left = _mounts_under(work)
         if left:
             log(f"not removing {work}: still mounted: {left}")
