@@ -464,6 +464,14 @@ def test_a_large_file_is_uploaded_from_its_close_and_appears_after_the_delay(tmp
     store = Bucket()
     data = os.urandom(5 * MIB + 7)
     delay = 1.0
+    written: list[tuple[str, bytes, str]] = []  # every object that appeared: key, body, permissions
+    put_object = store.put_object
+
+    def recorded(key: str, body: bytes, metadata: dict[str, str] | None = None) -> str:
+        written.append((key, body, (metadata or {}).get("file-permissions", "")))
+        return put_object(key, body, metadata)
+
+    store.put_object = recorded  # type: ignore[method-assign]
 
     async def test(nursery: trio.Nursery) -> None:
         d = Daemon(tmp_path, store, delay=delay)
@@ -488,6 +496,7 @@ def test_a_large_file_is_uploaded_from_its_close_and_appears_after_the_delay(tmp
         await d.settled()
         assert store.objects["big"].body == data[::-1] and store.uploads == {}
         assert store.objects["big"].metadata["file-permissions"] == "0100600"
+        assert ("big", data[::-1], "0100644") not in written  # the upload started before the chmod never completed
 
         await d.write_file("gone", data)  # removed within the delay: its upload never completes
         with trio.fail_after(10):
@@ -496,6 +505,7 @@ def test_a_large_file_is_uploaded_from_its_close_and_appears_after_the_delay(tmp
         await d.unlink("gone")
         await d.settled()
         assert "gone" not in store.objects and store.uploads == {}
+        assert "gone" not in [key for key, _, _ in written]  # never appeared, not even for a moment
         assert await d.stop() == []
 
     run(test)

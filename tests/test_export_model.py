@@ -94,9 +94,11 @@ def content(n: int, seed: bytes) -> bytes:
     return (seed or b"\0") * (n // max(len(seed), 1)) + seed[: n % max(len(seed), 1)] if n else seed
 
 
-def new_daemon(home: Path, store: Bucket) -> Daemon:
-    """Export prefix = import prefix, every export and import event on: the mount sees its own objects."""
-    return Daemon(home, store, delay=0.0, import_policy="NEW_CHANGED_DELETED")
+def new_daemon(home: Path, store: Bucket, delay: float) -> Daemon:
+    """Export prefix = import prefix, every export and import event on: the mount sees its own objects. With a
+    ``delay``, files of several parts are uploaded from their close and completed after it (changes meanwhile
+    abort that upload)."""
+    return Daemon(home, store, delay=delay, import_policy="NEW_CHANGED_DELETED")
 
 
 def nth(m: Model, n: int | str, kinds: tuple[str, ...] = ("file", "link", "node")) -> str:
@@ -196,7 +198,7 @@ async def apply(d: Daemon, m: Model, step: tuple) -> Daemon | None:
     elif kind == "poll":  # an import poll sees only this mount's own objects: it must change nothing
         await d.importer.poll()
     elif kind == "crash":
-        return await d.crash() or new_daemon(d.home, d.repo.store)
+        return await d.crash() or new_daemon(d.home, d.repo.store, d.writeback.delay)
     return None
 
 
@@ -232,8 +234,11 @@ async def check(d: Daemon, m: Model) -> None:
 @settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None
 )
-@given(program=st.lists(op, max_size=int(os.environ.get("LUSTREFS_MIRROR_STEPS", "25"))))
-def test_the_bucket_mirrors_the_tree(tmp_path_factory: pytest.TempPathFactory, program: list) -> None:
+@given(
+    program=st.lists(op, max_size=int(os.environ.get("LUSTREFS_MIRROR_STEPS", "25"))),
+    delay=st.sampled_from([0.0, 0.05]),
+)
+def test_the_bucket_mirrors_the_tree(tmp_path_factory: pytest.TempPathFactory, program: list, delay: float) -> None:
     home: Path = tmp_path_factory.mktemp("model")
     store = Bucket()
     store.faults.latency = 0.001  # requests overlap with the operations that follow them
@@ -242,7 +247,7 @@ def test_the_bucket_mirrors_the_tree(tmp_path_factory: pytest.TempPathFactory, p
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
                 m = Model()
-                d = new_daemon(home, store)
+                d = new_daemon(home, store, delay)
                 await d.start(nursery)
                 for step in program:
                     new = await apply(d, m, step)
@@ -251,7 +256,7 @@ def test_the_bucket_mirrors_the_tree(tmp_path_factory: pytest.TempPathFactory, p
                         await d.start(nursery)
                 await check(d, m)
                 await d.stop()
-                again = new_daemon(home, store)  # and after a clean remount
+                again = new_daemon(home, store, delay)  # and after a clean remount
                 await again.start(nursery)
                 await check(again, m)
                 await again.stop()
