@@ -365,6 +365,7 @@ class Writeback:
         meta = to_user_metadata(r.mode, r.uid, r.gid, r.mtime_ns, r.atime_ns, r.rdev)
         source = ObjectVersion(r.ino, r.key, r.etag, r.src_limit) if r.etag else None
         done = self.s.busy[desired] = trio.Event()
+        etag: str | None = None
         try:
             with db.transaction(self.ns.conn):
                 self.ledger.begin(ino, desired)
@@ -381,9 +382,6 @@ class Writeback:
                     etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r.size), meta)
                 else:
                     etag = await self._multipart(ino, gen, desired, data, meta, hold)
-        except BaseException:
-            etag = None
-            raise
         finally:
             if etag is None:  # failed, or superseded while held back
                 with db.transaction(self.ns.conn):

@@ -294,9 +294,9 @@ class Namespace:
         """Take a name out of the tree, its name whited out; with ``in_s3``, its exported object is queued for
         deletion. The last name of an inode orphans it (purged once unused); an inode losing its own name while
         it has hard links takes the name of one of them, so that its row stays the one with a name."""
-        if in_s3 and row.import_etag is not None:
-            self.inodes.whiteout(row.parent, row.name)
         if in_s3:
+            if row.import_etag is not None:
+                self.inodes.whiteout(row.parent, row.name)
             self.exports.detach(row.ino, row.exported_key)
             if row.exported_key:
                 self.on_change(0, 0)
