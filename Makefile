@@ -6,11 +6,12 @@ MNT    ?= $(CURDIR)/demo-mnt
 SBIN   ?= /sbin
 PYTEST_ARGS ?=
 
-.PHONY: demo test deps system-deps lint install bench clean
+.PHONY: demo demo-cluster test deps system-deps lint install bench clean
 
 deps: system-deps $(VENV)/.installed
 
-# System packages: FUSE 3 (fusermount3, /dev/fuse support) and what pyfuse3 needs to build from source.
+# System packages: FUSE 3 (fusermount3, /dev/fuse support), what pyfuse3 needs to build from source, and the
+# PostgreSQL server (/usr/lib/postgresql/*/bin) that the cluster-mode tests start privately.
 system-deps:
 	@if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null \
 	    || ! command -v gcc >/dev/null || ! test -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
@@ -18,6 +19,12 @@ system-deps:
 	  echo "Installing system packages: fuse3 libfuse3-dev pkg-config python3-venv"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc >/dev/null; \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+	    || ! dpkg-query -W -f='$${Status}' libpq5 2>/dev/null | grep -q 'ok installed'; then \
+	  echo "Installing system packages: postgresql libpq5"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    postgresql libpq5 >/dev/null; \
 	fi
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -28,6 +35,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: deps
 	$(PY) -m lustrefs.demo --mountpoint "$(MNT)"
+
+# Two hosts (two mounts, each with its own LUSTREFS_HOME) of one file system on a private PostgreSQL server.
+demo-cluster: deps
+	$(PY) -m lustrefs.demo.cluster --mountpoints "$(MNT)-a" "$(MNT)-b"
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,6 +11,9 @@ ROOT_INODE = 1
 # SQLite allows, which AUTOINCREMENT never hands out (it fails with SQLITE_FULL instead).
 CONTROL_INODE = 2**63 - 1
 CONTROL_NAME = ".lustrefs"  # the daemon's control file at the mount root: the name is reserved there
+# Cluster engine: closed files' data not yet exported waits in the bucket under STAGING_NAME/<fs-id>/; the name is
+# reserved at the root (never imported, never created) whatever the engine.
+STAGING_NAME = ".lustrefs-staging"
 # The largest file size (as ldiskfs, the ext4 under Lustre's targets, with 4 KiB blocks): a write or truncate beyond
 # fails with EFBIG. Files above 5 TiB cannot be exported to S3 (FileSizeTooLarge) but can exist locally, as on FSx.
 MAX_FILE_BYTES = 16 * 1024**4

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,13 @@ def _text(exc: BaseException) -> str:
 class EventLog:
     """Appends one JSON object per line: time, level, code, key or path, message."""
 
-    def __init__(self, path: Path, file_system_id: str) -> None:
+    def __init__(
+        self, path: Path, file_system_id: str, association_of: Callable[[str], str | None] | None = None
+    ) -> None:
+        """``association_of``: the data repository association holding a path or key (its events name it)."""
         self.path = path
         self.file_system_id = file_system_id
+        self.association_of = association_of
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def emit(self, level: str, code: str, message: str, **fields: object) -> None:
@@ -88,6 +92,9 @@ class EventLog:
             "message": message,
             **fields,
         }
+        where = fields.get("path") or fields.get("key")
+        if self.association_of is not None and isinstance(where, str) and (found := self.association_of(where)):
+            record["associationId"] = found
         os.write(self._fd, (json.dumps(record, sort_keys=False) + "\n").encode())
         log.log(logging.ERROR if level == "ERROR" else logging.WARNING, "%s: %s", code, message)
 

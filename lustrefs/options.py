@@ -44,6 +44,7 @@ class MountOptions:
     export_timeout: float = 60.0  # seconds an unmount waits for dirty data to be exported
     io_timeout: float = 30.0  # seconds one S3 request may take, retries included, before it fails with EIO
     sse_kms_key_id: str | None = None  # export with SSE-KMS and this key (default: the bucket's encryption)
+    event_queue: str | None = None  # URL of an SQS queue receiving the buckets' S3 event notifications
 
 
 def _int(name: str, value: str, base: int = 10, low: int = 0, high: int = 2**32 - 1) -> int:
@@ -114,6 +115,10 @@ def parse_options(text: str | None) -> MountOptions:
             opts.export_delay = _float(name, value) if value not in ("0", "0.0") else 0.0
         elif name == "sse_kms_key_id":
             opts.sse_kms_key_id = value
+        elif name == "event_queue":
+            if not value.startswith(("https://", "http://")):
+                raise OptionError(f"mount option event_queue={value!r}: the URL of an SQS queue (https://...)")
+            opts.event_queue = value
         elif name == "kernel_read_ahead":
             opts.kernel_read_ahead_kib = _int(name, value, high=1024 * 1024)
         elif name == "read_ahead":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lustrefs.constants import CONTROL_NAME
+from lustrefs.constants import CONTROL_NAME, STAGING_NAME
 
 NAME_MAX = 255
 
@@ -29,8 +29,9 @@ def name_problem(name: str) -> str | None:
 
 
 def is_reserved(dir_prefix: str, name: str) -> bool:
-    """Whether ``name`` is reserved in the directory ``dir_prefix``: the control file's name at the root."""
-    return dir_prefix == "" and name == CONTROL_NAME
+    """Whether ``name`` is reserved in the directory ``dir_prefix``: the control file's and the cluster's
+    staging area's names at the root."""
+    return dir_prefix == "" and name in (CONTROL_NAME, STAGING_NAME)
 
 
 def entry_problem(dir_prefix: str, name: str) -> str | None:
@@ -38,7 +39,7 @@ def entry_problem(dir_prefix: str, name: str) -> str | None:
     if problem := name_problem(name):
         return f"not a POSIX path ({problem})"
     if is_reserved(dir_prefix, name):
-        return f"{CONTROL_NAME} at the root of the file system is reserved for the control file of its mounts"
+        return f"{name} at the root of the file system is reserved for lustrefs (control file, staging area)"
     return None
 
 

@@ -8,6 +8,10 @@ Layout::
       <fs-id>/events.jsonl       the JSON-lines event log
       <fs-id>/cache/             the default cache target
       <fs-id>/mount.json         present while a daemon serves the file system: {"pid", "mountpoint"}
+
+A host configured for the cluster engine (``lustrefs.engine``: PostgreSQL) keeps the records in the database
+instead (``lustrefs.store.pgrecords``), shared by every host; the per-file-system directories stay local. The
+record functions behave the same on both engines. psycopg is imported only when the cluster engine is used.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from lustrefs import engine
 from lustrefs.errors import FsxError
 
 # The ids that name files and directories (anchored at the end: ``match`` works as ``fullmatch``).
@@ -94,8 +99,33 @@ def _record_path(fs_id: str, operation: str = "DescribeFileSystems") -> Path:
     return private_dir(home_dir() / "filesystems") / f"{fs_id}.json"
 
 
-def save_record(record: dict[str, Any]) -> None:
-    """Write a record atomically (temporary file, fsync, rename)."""
+def metadata_engine(operation: str) -> engine.Engine:
+    """This host's metadata engine (``lustrefs.engine``); a malformed setting is an InternalServerError."""
+    try:
+        return engine.configured(home_dir())
+    except engine.EngineConfigError as exc:
+        raise FsxError("InternalServerError", f"The metadata engine setting is invalid: {exc}", operation) from None
+
+
+def cluster_conninfo(operation: str) -> str | None:
+    """The connection string of the cluster's database if this host uses the cluster engine, else None."""
+    setting = metadata_engine(operation)
+    return setting.conninfo if setting.shared else None
+
+
+def _is_record(fs_id: str, record: object) -> bool:
+    return isinstance(record, dict) and record.get("FileSystemId") == fs_id
+
+
+def save_record(record: dict[str, Any], operation: str = "UpdateFileSystem") -> None:
+    """Write a record atomically (a file: temporary file, fsync, rename; the cluster engine: one row)."""
+    conninfo = cluster_conninfo(operation)
+    if conninfo is not None:
+        from lustrefs.store import pgrecords
+
+        fs_id = check_file_system_id(record["FileSystemId"], operation)
+        pgrecords.save(conninfo, fs_id, json.dumps(record, sort_keys=True), operation)
+        return
     path = _record_path(record["FileSystemId"])
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
@@ -107,31 +137,59 @@ def save_record(record: dict[str, Any]) -> None:
 
 def load_record(fs_id: str, operation: str = "DescribeFileSystems") -> dict[str, Any]:
     """The stored record of ``fs_id``; BadRequest if the id is malformed, FileSystemNotFound if there is none."""
-    path = _record_path(fs_id, operation)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (FileNotFoundError, ValueError):
-        record = None
-    if not isinstance(record, dict) or record.get("FileSystemId") != fs_id:
+    conninfo = cluster_conninfo(operation)
+    if conninfo is not None:
+        from lustrefs.store import pgrecords
+
+        text = pgrecords.load(conninfo, check_file_system_id(fs_id, operation), operation)
+        try:
+            record = None if text is None else json.loads(text)
+        except ValueError:
+            record = None
+    else:
+        path = _record_path(fs_id, operation)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (FileNotFoundError, ValueError):
+            record = None
+    if not _is_record(fs_id, record):
         raise FsxError("FileSystemNotFound", f"File system '{fs_id}' does not exist.", operation)
     return record
 
 
-def list_records() -> list[dict[str, Any]]:
-    """All stored records, oldest first (a file that is not the record its name says is skipped)."""
+def list_records(operation: str = "DescribeFileSystems") -> list[dict[str, Any]]:
+    """All stored records, oldest first (one that is not the record its name or id says is skipped)."""
+    stored: list[tuple[str, str]] = []  # (id, JSON text)
+    conninfo = cluster_conninfo(operation)
+    if conninfo is not None:
+        from lustrefs.store import pgrecords
+
+        stored = pgrecords.load_all(conninfo, operation)
+    else:
+        for p in (home_dir() / "filesystems").glob("fs-*.json"):
+            try:
+                stored.append((p.stem, p.read_text()))
+            except OSError:
+                continue
     records = []
-    for p in (home_dir() / "filesystems").glob("fs-*.json"):
+    for fs_id, text in stored:
         try:
-            record = json.loads(p.read_text())
-        except (OSError, ValueError):
+            record = json.loads(text)
+        except ValueError:
             continue
-        if FILE_SYSTEM_ID.fullmatch(p.stem) and isinstance(record, dict) and record.get("FileSystemId") == p.stem:
+        if FILE_SYSTEM_ID.fullmatch(fs_id) and _is_record(fs_id, record):
             records.append(record)
     return sorted(records, key=lambda r: (r.get("CreationTime", 0), r["FileSystemId"]))
 
 
 def delete_record(fs_id: str) -> None:
+    conninfo = cluster_conninfo("DeleteFileSystem")
+    if conninfo is not None:
+        from lustrefs.store import pgrecords
+
+        pgrecords.delete(conninfo, check_file_system_id(fs_id, "DeleteFileSystem"), "DeleteFileSystem")
+        return
     _record_path(fs_id, "DeleteFileSystem").unlink(missing_ok=True)
 
 

@@ -16,6 +16,7 @@ import pytest
 from helpers import MotoEndpoint, Mounted, create_fs, fuse_available, mount_fs, wait_for
 
 from lustrefs import records
+from lustrefs.demo.localpg import PostgresNotInstalled, PostgresServer
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -90,3 +91,31 @@ def mounter(moto: MotoEndpoint, home: Path, tmp_path: Path) -> Iterator[Callable
     yield make
     for m in made:
         m.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the session (tests/pgserver.py): unix socket only, thrown away at the end.
+    Fails (does not skip) when PostgreSQL is not installed: `make system-deps` installs it."""
+    try:
+        server = PostgresServer()
+    except PostgresNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_database(postgres_server: PostgresServer) -> Iterator[str]:
+    """The conninfo of a fresh database of its own for this test on ``postgres_server``; dropped afterwards."""
+    if not postgres_server.running:  # a test stopped or killed the shared server
+        postgres_server.start()
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    yield postgres_server.create_database(name)
+    if postgres_server.running:
+        postgres_server.drop_database(name)

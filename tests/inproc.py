@@ -11,19 +11,24 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyfuse3
 import trio
 from memrepo import Bucket, MemoryRepository
 
-from lustrefs.constants import ROOT_INODE
-from lustrefs.daemon.core import Core, Settings
+from lustrefs.associations import Association, Associations
+from lustrefs.constants import ROOT_INODE, STAGING_NAME
+from lustrefs.daemon.core import AssociationSource, ClusterLink, Core, Settings
 from lustrefs.events import EventLog
-from lustrefs.store import db
+from lustrefs.s3.repository import NotFound
+from lustrefs.s3.routing import RoutedStore
+from lustrefs.store import db, pg
+from lustrefs.sync.importer import LEGACY_EVENTS
 
 MIB = 1024 * 1024
+FS_ID = "fs-0123456789abcdef0"
 
 
 @dataclass
@@ -49,6 +54,38 @@ class Fields:
     update_ctime: bool = False
 
 
+@dataclass
+class Links:
+    """The data repository associations of an in-process file system (a daemon process keeps them in the file
+    system's record): ``items`` is what the record says now; the daemon reports lifecycles back here."""
+
+    buckets: dict[str, Bucket]
+    items: list[Association] = field(default_factory=list)
+
+    async def read(self) -> list[Association]:
+        return list(self.items)
+
+    async def report(self, dra_id: str, lifecycle: str, failure: str | None) -> None:
+        self.items = [replace(a, lifecycle=lifecycle) if a.id == dra_id else a for a in self.items]
+        self.failures[dra_id] = failure
+
+    async def forget(self, dra_id: str) -> None:
+        self.items = [a for a in self.items if a.id != dra_id]
+
+    def lifecycle(self, dra_id: str) -> str | None:
+        return next((a.lifecycle for a in self.items if a.id == dra_id), None)
+
+    def __post_init__(self) -> None:
+        self.failures: dict[str, str | None] = {}
+
+    def store_for(self, bucket: str) -> MemoryRepository:
+        """A client of ``bucket``; a bucket that does not exist answers NoSuchBucket."""
+        repo = MemoryRepository(self.buckets.get(bucket) or Bucket(bucket), self.buckets)
+        if bucket not in self.buckets:
+            repo.refuse = NotFound(f"s3://{bucket}: NoSuchBucket")
+        return repo
+
+
 class Daemon:
     """One mount's core: ``await d.start(nursery)``, then ``d.ops`` answers FUSE requests."""
 
@@ -64,13 +101,30 @@ class Daemon:
         policy: frozenset[str] = frozenset({"NEW", "CHANGED", "DELETED"}),
         import_policy: str = "NONE",
         devices: bool = True,
+        cluster: str | None = None,
+        links: Links | None = None,
     ) -> None:
+        """``cluster``: the conninfo of a PostgreSQL database: a host of a cluster (the home's name is its name)."""
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         (home / "cache").mkdir(exist_ok=True)
-        self.repo = MemoryRepository(store)
-        self.conn = db.connect(home / "state.db")
-        self.events = EventLog(home / "events.jsonl", "fs-0123456789abcdef0")
+        self.links, self.import_policy = links, import_policy
+        self.repo: MemoryRepository | RoutedStore = MemoryRepository(store)
+        source = None
+        if links is not None:  # a file system with associations: keys are paths, routed to their buckets
+            self.repo = RoutedStore(Associations.routed(links.items), links.store_for)
+            import_prefix, export_prefix = "", ""
+            source = AssociationSource(links.read, links.report, links.forget)
+        link = None
+        if cluster is None:
+            self.conn: db.Connection = db.connect(home / "state.db")
+            self.local = None
+        else:
+            self.conn = pg.connect(cluster, FS_ID)
+            self.local = db.connect(home / "cache.db", local=True)
+            link = ClusterLink(cluster, FS_ID, home.name, f"{STAGING_NAME}/{FS_ID}/")
+        routed = self.repo.association_of if isinstance(self.repo, RoutedStore) else None
+        self.events = EventLog(home / "events.jsonl", FS_ID, routed)
         self.policy = policy
         settings = Settings(
             import_prefix=import_prefix,
@@ -81,14 +135,16 @@ class Daemon:
             part_size=part_size,
             import_state_file=home / "import.json",
             export_delay=delay,
-            export_policy=lambda: self.policy,
+            export_policy=self._export_events,
             upload_part=MIB,
-            import_policy=lambda: import_policy,
+            import_policy=self._import_events,
             poll_interval=3600.0,  # polled by the test (``importer.poll()``), not on a timer
             read_ahead=0,
             devices=devices,
+            cluster=link,
+            associations=source,
         )
-        self.core = Core(self.conn, self.repo, self.events, settings)
+        self.core = Core(self.conn, self.repo, self.events, settings, self.local)
         self.ns, self.cache, self.writeback = self.core.ns, self.core.cache, self.core.writeback
         self.importer, self.ops = self.core.importer, self.core.ops
         self._scope = trio.CancelScope()
@@ -121,8 +177,9 @@ class Daemon:
     async def crash(self) -> None:
         """``kill -9``: nothing more reaches the database or the bucket."""
         self.crashed = True
-        self.repo.kill()
-        self.conn.close()
+        for repo in self.repo.stores if isinstance(self.repo, RoutedStore) else [self.repo]:
+            repo.kill()  # type: ignore[attr-defined]
+        self._close()
         self._scope.cancel()
         self.events.close()
         await trio.lowlevel.checkpoint()
@@ -133,9 +190,34 @@ class Daemon:
         self._scope.cancel()
         await self._ended.wait()
         self.cache.flush()
-        self.conn.close()
+        self._close()
         self.events.close()
         return left
+
+    def _export_events(self, key: str) -> frozenset[str] | None:
+        return self.policy if self.links is None else Associations.routed(self.links.items).export_events(key)
+
+    def _import_events(self, dir_key: str | None) -> frozenset[str]:
+        if self.links is None:
+            return LEGACY_EVENTS[self.import_policy]
+        return Associations.live(self.links.items).import_events(dir_key)
+
+    def _close(self) -> None:
+        self.conn.close()
+        if self.local is not None:
+            self.local.close()
+
+    async def leading(self, timeout: float = 10.0) -> None:
+        """Wait until this host of a cluster leads (bounded)."""
+        assert self.core.cluster is not None
+        with trio.fail_after(timeout):
+            await self.core.cluster.became_leader.wait()
+
+    async def listening(self, timeout: float = 10.0) -> None:
+        """Wait until this host of a cluster receives the other hosts' changes (bounded)."""
+        assert self.core.cluster is not None
+        with trio.fail_after(timeout):
+            await self.core.cluster.listening.wait()
 
     # ------------------------------------------------------------------------------------- POSIX helpers
 
@@ -165,8 +247,17 @@ class Daemon:
         if data:
             await self.ops.write(fh, 0, data)
         if close:
-            await self.ops.release(fh)
+            await self.close(fh)
         return fh
+
+    async def close(self, fh: int) -> None:
+        """close(2) of the last descriptor of ``fh``: FLUSH (refused by the embedded engine: ENOSYS), RELEASE."""
+        try:
+            await self.ops.flush(fh)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+        await self.ops.release(fh)
 
     async def read_file(self, path: str) -> bytes:
         ino = await self.resolve(path)
@@ -218,12 +309,13 @@ class Daemon:
         await self.ops.setattr(ino, attr, Fields(update_mode=True), None, Ctx())
 
     async def settled(self, timeout: float = 10.0) -> None:
-        """Wait until nothing is left to export: no dirty live entry, no intent, no pending delete (bounded)."""
+        """Wait until nothing is left to export: no dirty live entry (but those another host of a cluster holds),
+        no intent, no pending delete (bounded)."""
         ledger = self.ns.exports
         with trio.fail_after(timeout):
             while (
                 self.writeback.queue_length()
-                or ledger.count_dirty()
+                or ledger.dirty_inodes(self.ns.host)
                 or ledger.intents()
                 or ledger.any_pending_delete()
             ):

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import trio
 
@@ -132,12 +133,15 @@ class Bucket:
 class MemoryRepository:
     """One daemon's client of a ``Bucket``; the async methods are those lustrefs.s3.repository.Repository offers."""
 
-    def __init__(self, store: Bucket) -> None:
+    def __init__(self, store: Bucket, others: dict[str, Bucket] | None = None) -> None:
+        """``others``: the buckets a copy may read from besides ``store`` (by name)."""
         self.store = store
+        self.others = others or {}
         self.bucket = store.name
         self.requests = store.requests
         self.fast = None
         self.dead = False
+        self.refuse: RepositoryError | None = None  # every request fails so (a bucket that does not exist)
         self.upload_slots = trio.Semaphore(4)
 
     def kill(self) -> None:
@@ -148,18 +152,28 @@ class MemoryRepository:
     def objects(self) -> dict[str, Obj]:
         return self.store.objects
 
+    async def _lost(self, op: str, key: str) -> NoReturn:
+        """A request of a crashed process: no answer ever comes. Its task ends at the crash's cancellation; one in
+        a shielded scope (the abort of an upload), which that cannot reach, ends with an error instead: a
+        process killed with -9 runs nothing more, and a task left waiting here would hold the test's nursery (and
+        trio.run) open for ever."""
+        await trio.lowlevel.checkpoint()
+        raise Unavailable(f"{op} {key}: the process crashed")
+
     async def _request(self, op: str, key: str) -> None:
         if self.dead:
-            await trio.sleep_forever()
+            await self._lost(op, key)
+        if self.refuse is not None:
+            raise self.refuse
         await self.store.request(op, key)
         if self.dead:  # crashed while the request was on its way: its effect is lost with the process
-            await trio.sleep_forever()
+            await self._lost(op, key)
 
     async def _answer(self, op: str, key: str) -> None:
         """The request took effect; its answer may be held at a gate (and lost to a crash)."""
         await self.store.stop_at_gates(op, key, after=True)
         if self.dead:
-            await trio.sleep_forever()
+            await self._lost(op, key)
 
     # ------------------------------------------------------------------------------------- reads
 
@@ -221,9 +235,12 @@ class MemoryRepository:
         await self._answer("PUT", key)
         return etag
 
-    async def copy(self, src_key: str, src_etag: str, key: str, metadata: dict[str, str]) -> str:
+    async def copy(
+        self, src_key: str, src_etag: str, key: str, metadata: dict[str, str], src_bucket: str | None = None
+    ) -> str:
         await self._request("COPY", key)
-        etag = self.store.put_object(key, self._get(src_key, src_etag).body, metadata)
+        source = self if src_bucket in (None, self.bucket) else MemoryRepository(self.others[src_bucket])
+        etag = self.store.put_object(key, source._get(src_key, src_etag).body, metadata)
         await self._answer("COPY", key)
         return etag
 

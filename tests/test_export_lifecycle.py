@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
-from inproc import MIB, Ctx, Daemon, run
+from inproc import MIB, Ctx, Daemon, Test, run
 from memrepo import Bucket
 
 from lustrefs.constants import ROOT_INODE
@@ -507,5 +508,188 @@ def test_a_large_file_is_uploaded_from_its_close_and_appears_after_the_delay(tmp
         assert "gone" not in store.objects and store.uploads == {}
         assert "gone" not in [key for key, _, _ in written]  # never appeared, not even for a moment
         assert await d.stop() == []
+
+    run(test)
+
+
+# ------------------------------------------------------------------------------------------ aborts of uploads
+
+
+def run_in_thread(test: Test, timeout: float = 20.0) -> None:
+    """``run`` in a thread: a trio run that can never end (a task that cannot be cancelled) fails the test
+    instead of hanging it (the thread is left behind)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            run(test, timeout)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    assert outcome, "the trio run never ended: a task of the crashed daemon could not be cancelled"
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def test_a_crash_while_a_superseded_upload_is_aborted_ends_the_crashed_daemon(tmp_path: Path) -> None:
+    """The abort of an upload runs shielded from cancellation: a crash meanwhile must still end it (the model
+    test's one CI timeout: the crashed daemon's abort waited for ever, so the trio run could not end)."""
+    store = Bucket()
+    data = os.urandom(3 * MIB + 5)
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, delay=0.2)
+        await d.start(nursery)
+        abort = store.gate("DELETE", "big")  # the abort of the upload stops here, on its way to the bucket
+        await d.write_file("big", data)  # closed: its parts go out, the completion waits for the delay
+        with trio.fail_after(10):
+            while parts_uploaded(store) < 4:
+                await trio.sleep(0.01)
+        await d.write_file("big", data[::-1], close=False)  # reopened for writing: that upload is superseded
+        await abort.wait_arrived()
+        await d.crash()
+        abort.open()  # the request arrives; its answer goes to a dead process
+        with trio.move_on_after(5):
+            await d._ended.wait()
+        assert d._ended.is_set(), "the crashed daemon's tasks did not end"
+        again = Daemon(tmp_path, store, delay=0.2)
+        await again.start(nursery)
+        await again.settled()
+        assert store.objects["big"].body == data[::-1] and store.uploads == {}
+        assert await again.stop() == []
+
+    run_in_thread(test)
+
+
+def test_a_crash_while_a_failed_upload_is_aborted_ends_the_crashed_daemon(tmp_path: Path) -> None:
+    store = Bucket()
+    data = os.urandom(3 * MIB + 5)
+    puts = [0]
+
+    def second_put(key: str) -> bool:  # the first part of the upload (the first PUT starts it)
+        puts[0] += 1
+        return key == "big" and puts[0] == 2
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        part = store.gate("PUT", second_put)
+        abort = store.gate("DELETE", "big")
+        await d.write_file("big", data)
+        await part.wait_arrived()
+        store.faults.fail["PUT"] = 1  # a part fails: the upload is aborted
+        part.open()
+        await abort.wait_arrived()
+        await d.crash()
+        abort.open()
+        with trio.move_on_after(5):
+            await d._ended.wait()
+        assert d._ended.is_set(), "the crashed daemon's tasks did not end"
+        again = Daemon(tmp_path, store)
+        await again.start(nursery)
+        await again.settled()
+        assert store.objects["big"].body == data and store.uploads == {}
+        assert await again.stop() == []
+
+    run_in_thread(test)
+
+
+def test_a_failed_abort_of_a_failed_upload_is_tried_again(tmp_path: Path) -> None:
+    store = Bucket()
+    data = os.urandom(3 * MIB + 5)
+    puts = [0]
+
+    def second_put(key: str) -> bool:
+        puts[0] += 1
+        return key == "big" and puts[0] == 2
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store)
+        await d.start(nursery)
+        part = store.gate("PUT", second_put)
+        await d.write_file("big", data)
+        await part.wait_arrived()
+        store.faults.fail.update(PUT=1, DELETE=1)  # a part fails, then the abort of the upload fails
+        part.open()
+        await d.settled()
+        assert store.uploads == {}  # was left open in the bucket
+        assert store.objects["big"].body == data
+        assert await d.stop() == []
+
+    run(test)
+
+
+def test_a_failed_abort_of_a_superseded_upload_is_tried_again(tmp_path: Path) -> None:
+    """The model test's minimal case (a file of two parts, then faults within the export delay)."""
+    store = Bucket()
+    data = os.urandom(3 * MIB + 5)
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, delay=0.2)
+        await d.start(nursery)
+        await d.write_file("big", data)
+        with trio.fail_after(10):
+            while parts_uploaded(store) < 4:
+                await trio.sleep(0.01)
+        store.faults.fail["DELETE"] = 1  # the abort of the superseded upload fails
+        await d.write_file("big", data[::-1])  # rewritten within the delay: that upload is superseded
+        await d.settled()
+        assert store.uploads == {}
+        assert store.objects["big"].body == data[::-1]
+        assert await d.stop() == []
+
+    run(test)
+
+
+def test_an_upload_whose_abort_failed_is_aborted_after_a_crash(tmp_path: Path) -> None:
+    """The key stays an intent until its upload is aborted: a crash meanwhile leaves it to the next start."""
+    store = Bucket()
+    data = os.urandom(3 * MIB + 5)
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, delay=0.2)
+        await d.start(nursery)
+        await d.write_file("big", data)
+        with trio.fail_after(10):
+            while parts_uploaded(store) < 4:
+                await trio.sleep(0.01)
+        store.faults.hang = {"DELETE"}  # every abort fails (after hang_bound)
+        await d.write_file("big", data[::-1])
+        with trio.fail_after(10):
+            while store.requests["DELETE"] < 2:  # the abort failed, and its retry is under way
+                await trio.sleep(0.01)
+        await d.crash()
+        store.faults.hang = set()
+        again = Daemon(tmp_path, store, delay=0.2)
+        await again.start(nursery)
+        await again.settled()
+        assert store.uploads == {}
+        assert store.objects["big"].body == data[::-1]
+        assert await again.stop() == []
+
+    run(test)
+
+
+def test_a_file_is_not_exported_before_the_delay_after_its_close(tmp_path: Path) -> None:
+    """A create makes the entry due at once (it waits for its writers); an export task started for that while
+    the file was being written must not upload it once it is closed: the delay counts from the close."""
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        d = Daemon(tmp_path, store, delay=3600.0)
+        await d.start(nursery)
+        for i in range(30):
+            parent, name = await d.parent_of(f"f{i}")
+            info, _ = await d.ops.create(parent, name, 0o644, os.O_WRONLY, Ctx())
+            await d.ops.write(info.fh, 0, b"x")  # the exporter runs meanwhile: its task for f{i} starts later
+            await d.close(info.fh)
+            await trio.sleep(0.001)
+        await trio.sleep(0.1)
+        assert store.objects == {}
+        await d.stop(export_timeout=0)
 
     run(test)

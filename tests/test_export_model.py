@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +32,11 @@ from memrepo import Bucket
 from lustrefs import metadata
 
 PATHS = ["a", "b", "d", "d/a", "d/b", "e", "e/a"]
-# An export delay makes files of several parts upload from their close and complete after it. Only in the long
-# run for now: one CI run of 30 programs with it hit the 120 s bound of a program (not reproduced in 1,200 since).
-DELAYS = [0.0, 0.05] if os.environ.get("LUSTREFS_SLOW") else [0.0]
+# An export delay makes files of several parts upload from their close and complete after it (changes, crashes and
+# remounts meet uploads held back by it).
+DELAYS = [0.0, 0.05]
+BOUND = 120.0  # seconds a program may take: its settling waits at most 60 s, twice
+TEARDOWN = 10.0  # seconds the end of the trio run may take after the last check
 EXAMPLES = int(os.environ.get("LUSTREFS_MIRROR_EXAMPLES", "1000" if os.environ.get("LUSTREFS_SLOW") else "30"))
 
 path = st.sampled_from(PATHS)
@@ -246,23 +250,86 @@ def test_the_bucket_mirrors_the_tree(tmp_path_factory: pytest.TempPathFactory, p
     store = Bucket()
     store.faults.latency = 0.001  # requests overlap with the operations that follow them
 
+    where = ["start"]  # the step running, for the report of a program that does not end
+    stuck: list[str] = []  # where the tasks waited when the program was found stuck
+
+    ended = [0.0]  # when its last check ended
+
+    async def watchdog(scope: trio.CancelScope) -> None:
+        """Past BOUND, or TEARDOWN seconds after its last check: record every task's wait, then cancel all."""
+        began = time.monotonic()
+        while (now := time.monotonic()) - began < BOUND and not (where[0] == "teardown" and now - ended[0] > TEARDOWN):
+            await trio.sleep(0.1)
+        stuck.append(f"the program did not end within {now - began:.0f} s, at {where[0]}; its tasks:\n{task_tree()}")
+        scope.cancel()
+
     async def main() -> None:
-        with trio.fail_after(120):
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watchdog, outer.cancel_scope)
             async with trio.open_nursery() as nursery:
                 m = Model()
                 d = new_daemon(home, store, delay)
                 await d.start(nursery)
-                for step in program:
+                for i, step in enumerate(program):
+                    where[0] = f"step {i} {step!r:.80}"
                     new = await apply(d, m, step)
                     if new is not None:
                         d = new
                         await d.start(nursery)
+                where[0] = "check"
                 await check(d, m)
+                where[0] = "stop"
                 await d.stop()
+                where[0] = "check after a remount"
                 again = new_daemon(home, store, delay)  # and after a clean remount
                 await again.start(nursery)
                 await check(again, m)
                 await again.stop()
+                ended[0], where[0] = time.monotonic(), "teardown"
                 nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
 
-    trio.run(main)
+    # In a thread of its own: a task that cannot be cancelled (a shielded wait) keeps trio.run from returning,
+    # and a fail_after around the program could not end it. The program then fails with where its tasks waited
+    # (the thread is left behind) instead of hanging until pytest's timeout.
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            trio.run(main)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="model program", daemon=True)
+    thread.start()
+    began = time.monotonic()
+    while thread.is_alive() and not stuck and time.monotonic() - began < BOUND + TEARDOWN:
+        thread.join(0.5)
+    thread.join(TEARDOWN)  # the cancellation of a program found stuck unwinds it, unless a task cannot be cancelled
+    if stuck or not outcome:
+        raise AssertionError(
+            (stuck[0] if stuck else f"the trio run did not end after the program (at {where[0]})")
+            + ("" if outcome else "\n(the trio run does not end: a task cannot be cancelled)")
+        ) from (outcome[0] if outcome else None)
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def task_tree() -> str:
+    """Every task of the current trio run, indented by nursery, with the innermost frames it awaits in."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        frames = [
+            f"{f.f_code.co_name} ({Path(f.f_code.co_filename).name}:{n})"
+            for f, n in task.iter_await_frames()
+            if f"{os.sep}trio{os.sep}" not in f.f_code.co_filename  # trio's own frames say nothing
+        ]
+        lines.append("  " * depth + f"{task.name}: " + " > ".join(frames[-3:]))
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "\n".join(lines)

@@ -18,15 +18,17 @@ import re
 import signal
 import stat
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import botocore.exceptions
 
-from lustrefs import records
-from lustrefs.client import control, control_client, hsm, mount, tasks
+from lustrefs import engine, records
+from lustrefs.client import associations, control, control_client, hsm, mount, tasks
 from lustrefs.errors import FsxError
 from lustrefs.s3client import make_client
 
@@ -58,6 +60,12 @@ HSM_COMMANDS = ("hsm_state", "hsm_action", "hsm_archive", "hsm_release", "hsm_re
 HSM_ACTIONS_AT_ONCE = 8
 SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SHORTHAND_KEY = re.compile(r"\s*([A-Za-z0-9_.:-]+)\s*=")
+CONFIGURE_ENGINE = "ConfigureMetadataEngine"
+DESCRIBE_ENGINE = "DescribeMetadataEngine"
+# A password in a libpq connection string: key=value form (quoted or with backslash escapes), or a URI's.
+KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+)")
+URI_USER_PASSWORD = re.compile(r"\A(postgres(?:ql)?://[^:@/?#]*:)[^@/?#]*@", re.IGNORECASE)
+URI_PARAM_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
 
 
 class UsageError(ValueError):
@@ -178,19 +186,23 @@ def _endpoint(args: argparse.Namespace) -> str | None:
     return args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _request(**members: Any) -> dict[str, Any]:
+    """An API request from options: the members whose option was given."""
+    return {k: v for k, v in members.items() if v is not None}
+
+
 def cmd_create_file_system(args: argparse.Namespace) -> int:
-    request: dict[str, Any] = {
-        "ClientRequestToken": args.client_request_token,
-        "FileSystemType": args.file_system_type,
-        "StorageCapacity": args.storage_capacity,
-        "StorageType": args.storage_type,
-        "SubnetIds": args.subnet_ids,
-        "SecurityGroupIds": args.security_group_ids,
-        "Tags": _flatten(args.tags),
-        "LustreConfiguration": args.lustre_configuration,
-        "FileSystemTypeVersion": args.file_system_type_version,
-    }
-    request = {k: v for k, v in request.items() if v is not None}
+    request = _request(
+        ClientRequestToken=args.client_request_token,
+        FileSystemType=args.file_system_type,
+        StorageCapacity=args.storage_capacity,
+        StorageType=args.storage_type,
+        SubnetIds=args.subnet_ids,
+        SecurityGroupIds=args.security_group_ids,
+        Tags=_flatten(args.tags),
+        LustreConfiguration=args.lustre_configuration,
+        FileSystemTypeVersion=args.file_system_type_version,
+    )
     endpoint = _endpoint(args)
     s3 = make_client(endpoint, args.region, args.profile)
     _print_json(control.create_file_system(request, s3, endpoint, s3.meta.region_name))
@@ -226,6 +238,58 @@ def cmd_delete_file_system(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_create_data_repository_association(args: argparse.Namespace) -> int:
+    request = _request(
+        FileSystemId=args.file_system_id,
+        FileSystemPath=args.file_system_path,
+        DataRepositoryPath=args.data_repository_path,
+        BatchImportMetaDataOnCreate=args.batch_import_meta_data_on_create,
+        ImportedFileChunkSize=args.imported_file_chunk_size,
+        S3=args.s3,
+        ClientRequestToken=args.client_request_token,
+        Tags=_flatten(args.tags),
+    )
+
+    def s3_for(record: dict[str, Any]) -> Any:  # the file system's endpoint and region, as a mount uses them
+        return make_client(
+            args.endpoint_url or record.get("_EndpointUrl"), args.region or record.get("_Region"), args.profile
+        )
+
+    _print_json(associations.create_data_repository_association(request, s3_for))
+    return 0
+
+
+def cmd_describe_data_repository_associations(args: argparse.Namespace) -> int:
+    # One page, as the AWS CLI prints it: botocore has no paginator for this operation.
+    _print_json(
+        associations.describe_data_repository_associations(
+            args.association_ids, _flatten(args.filters), args.max_results, args.next_token
+        )
+    )
+    return 0
+
+
+def cmd_update_data_repository_association(args: argparse.Namespace) -> int:
+    request = _request(
+        AssociationId=args.association_id,
+        ClientRequestToken=args.client_request_token,
+        ImportedFileChunkSize=args.imported_file_chunk_size,
+        S3=args.s3,
+    )
+    _print_json(associations.update_data_repository_association(request))
+    return 0
+
+
+def cmd_delete_data_repository_association(args: argparse.Namespace) -> int:
+    request = _request(
+        AssociationId=args.association_id,
+        ClientRequestToken=args.client_request_token,
+        DeleteDataInFileSystem=args.delete_data_in_file_system,
+    )
+    _print_json(associations.delete_data_repository_association(request))
+    return 0
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     return mount.mount(
         args.fs_id,
@@ -240,6 +304,67 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     return mount.umount(args.mountpoint)
+
+
+# ------------------------------------------------------------------------------------- metadata engine
+
+
+def masked_conninfo(conninfo: str) -> str:
+    """``conninfo`` with any password in it replaced by ``***``."""
+    if re.match(r"postgres(?:ql)?://", conninfo, re.IGNORECASE):
+        return URI_PARAM_PASSWORD.sub(r"\1***", URI_USER_PASSWORD.sub(r"\1***@", conninfo))
+    return KEYWORD_PASSWORD.sub(r"\1***", conninfo)
+
+
+def _engine_view(setting: engine.Engine) -> dict[str, str]:
+    return {"Engine": setting.kind, "ConnectionString": masked_conninfo(setting.conninfo)}
+
+
+def _write_private_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` to ``path`` atomically (temporary file, fsync, rename), readable by its owner only."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_configure_metadata_engine(args: argparse.Namespace) -> int:
+    """Write ``$LUSTREFS_HOME/metadata-engine.json``, after checking that a PostgreSQL database answers."""
+    if args.engine == engine.SQLITE and args.conninfo is not None:
+        raise FsxError("BadRequest", "--conninfo is only used with --engine postgresql.", CONFIGURE_ENGINE)
+    setting = engine.Engine(args.engine, args.conninfo or "")
+    if setting.shared:
+        from lustrefs.store import pgrecords  # psycopg is loaded only by the cluster engine
+
+        pgrecords.check(setting.conninfo, CONFIGURE_ENGINE)
+    _write_private_json(records.home_dir() / engine.CONFIG_FILE, setting.to_json())
+    if os.environ.get("LUSTREFS_METADATA_ENGINE"):
+        print("lustrefs: note: LUSTREFS_METADATA_ENGINE is set and overrides this setting", file=sys.stderr)
+    _print_json({"MetadataEngine": _engine_view(setting)})
+    return 0
+
+
+def cmd_describe_metadata_engine(args: argparse.Namespace) -> int:
+    """Print the metadata engine in effect and where its setting comes from (as ``lustrefs.engine`` decides)."""
+    setting = records.metadata_engine(DESCRIBE_ENGINE)
+    path = records.home_dir() / engine.CONFIG_FILE
+    view = _engine_view(setting)
+    if os.environ.get("LUSTREFS_METADATA_ENGINE"):
+        view["Source"] = "environment"
+    elif path.exists():
+        view.update(Source="file", ConfigFile=str(path))
+    else:
+        view["Source"] = "default"
+    _print_json({"MetadataEngine": view})
+    return 0
 
 
 # --------------------------------------------------------------------------------- HSM commands (as lfs)
@@ -285,15 +410,15 @@ def _hsm_error(verb: str, path: str, exc: OSError) -> str:
 
 
 def cmd_create_data_repository_task(args: argparse.Namespace) -> int:
-    request = {
-        "Type": args.type,
-        "FileSystemId": args.file_system_id,
-        "Paths": args.paths,
-        "Report": args.report,
-        "ReleaseConfiguration": args.release_configuration,
-        "Tags": _flatten(args.tags),
-    }
-    result = tasks.create_data_repository_task({k: v for k, v in request.items() if v is not None})
+    request = _request(
+        Type=args.type,
+        FileSystemId=args.file_system_id,
+        Paths=args.paths,
+        Report=args.report,
+        ReleaseConfiguration=args.release_configuration,
+        Tags=_flatten(args.tags),
+    )
+    result = tasks.create_data_repository_task(request)
     if args.wait:
         task = result["DataRepositoryTask"]
         try:
@@ -483,6 +608,63 @@ def build_parser() -> Parser:
 
     p = command("delete-file-system", "Delete a file system and its local state.", cmd_delete_file_system)
     p.add_argument("--file-system-id", required=True)
+
+    p = command(
+        "create-data-repository-association",
+        "Link a directory of a file system to an S3 bucket or prefix.",
+        cmd_create_data_repository_association,
+    )
+    p.add_argument("--file-system-id", required=True)
+    p.add_argument("--file-system-path", help="the directory in the file system, e.g. /ns1")
+    p.add_argument("--data-repository-path", required=True, help="s3://bucket[/prefix]")
+    p.add_argument("--batch-import-meta-data-on-create", action=argparse.BooleanOptionalAction)
+    p.add_argument("--imported-file-chunk-size", type=int, help="MiB, 1 to 512000 (default 1024)")
+    p.add_argument("--s3", type=parse_structure, help="'AutoImportPolicy={Events=[...]},AutoExportPolicy=…' or JSON")
+    p.add_argument("--client-request-token", help="idempotency token")
+    p.add_argument("--tags", nargs="+", type=parse_structure_list_item, help="Key=k,Value=v ... or JSON list")
+
+    p = command(
+        "describe-data-repository-associations",
+        "Describe data repository associations.",
+        cmd_describe_data_repository_associations,
+    )
+    p.add_argument("--association-ids", nargs="+", metavar="ID")
+    p.add_argument("--filters", nargs="+", type=parse_structure_list_item, help="Name=file-system-id,Values=fs-…")
+    p.add_argument("--max-results", type=int)
+    p.add_argument("--next-token")
+
+    p = command(
+        "update-data-repository-association",
+        "Change a data repository association's chunk size or S3 policies.",
+        cmd_update_data_repository_association,
+    )
+    p.add_argument("--association-id", required=True)
+    p.add_argument("--client-request-token", help="idempotency token")
+    p.add_argument("--imported-file-chunk-size", type=int, help="MiB, 1 to 512000")
+    p.add_argument("--s3", type=parse_structure, help="'AutoImportPolicy={Events=[...]},AutoExportPolicy=…' or JSON")
+
+    p = command(
+        "delete-data-repository-association",
+        "Unlink a data repository association (its data stays in the file system unless deleted).",
+        cmd_delete_data_repository_association,
+    )
+    p.add_argument("--association-id", required=True)
+    p.add_argument("--client-request-token", help="idempotency token")
+    p.add_argument("--delete-data-in-file-system", action=argparse.BooleanOptionalAction)
+
+    p = command(
+        "configure-metadata-engine",
+        "Set this host's metadata engine: SQLite (one host) or a cluster's PostgreSQL database.",
+        cmd_configure_metadata_engine,
+    )
+    p.add_argument("--engine", required=True, choices=engine.ENGINES)
+    p.add_argument("--conninfo", help="postgresql: a libpq connection string or URI (default: libpq's environment)")
+
+    command(
+        "describe-metadata-engine",
+        "Show this host's metadata engine and where the setting comes from.",
+        cmd_describe_metadata_engine,
+    )
 
     p = command("mount", "Mount a file system with the FUSE daemon.", cmd_mount)
     p.add_argument("fs_id", metavar="FS_ID")

@@ -3,6 +3,9 @@
 Requests and responses use the shapes of the FSx API (``botocore/data/fsx/2018-03-01``); file systems are
 kept as records (see :mod:`lustrefs.records`) that hold the public FSx description plus private fields
 whose names start with ``_``. Every error is an :class:`~lustrefs.errors.FsxError` with FSx's error name.
+
+On a host configured for the cluster engine the records are in the cluster's database, changes are serialised
+across hosts by its advisory lock, and a deletion also drops the file system's namespace there.
 """
 
 from __future__ import annotations
@@ -106,11 +109,9 @@ def create_file_system(request: dict[str, Any], s3: Any, endpoint_url: str | Non
     used when an ImportPath is given. Nothing is written unless every check passes. A ``ClientRequestToken``
     already used with the same parameters returns the existing file system.
     """
-    token = request.get("ClientRequestToken")
-    if token is not None and (not isinstance(token, str) or not CLIENT_REQUEST_TOKEN.match(token)):
-        raise FsxError("BadRequest", "ClientRequestToken must match [A-Za-z0-9_.-]{1,63}.", CREATE)
+    token = check_client_request_token(request.get("ClientRequestToken"), CREATE)
     fingerprint = request_fingerprint(request)
-    with _control_lock():
+    with control_lock(CREATE):
         if token is not None:
             existing = _record_for_token(token, fingerprint)
             if existing is not None:
@@ -121,8 +122,15 @@ def create_file_system(request: dict[str, Any], s3: Any, endpoint_url: str | Non
         record = _new_record(request, settings, endpoint_url, region)
         record["_ClientRequestToken"] = token
         record["_RequestFingerprint"] = fingerprint
-        records.save_record(record)
+        records.save_record(record, CREATE)
     return {"FileSystem": public_view(record)}
+
+
+def check_client_request_token(token: Any, operation: str) -> str | None:
+    """``token`` (None if not given) if it is a well-formed ClientRequestToken; else BadRequest."""
+    if token is not None and (not isinstance(token, str) or not CLIENT_REQUEST_TOKEN.match(token)):
+        raise FsxError("BadRequest", "ClientRequestToken must match [A-Za-z0-9_.-]{1,63}.", operation)
+    return token
 
 
 def request_fingerprint(request: dict[str, Any]) -> str:
@@ -134,7 +142,7 @@ def request_fingerprint(request: dict[str, Any]) -> str:
 
 def _record_for_token(token: str, fingerprint: str) -> dict[str, Any] | None:
     """The record created with ``token`` if its parameters match; IncompatibleParameterError otherwise."""
-    for record in records.list_records():
+    for record in records.list_records(CREATE):
         if record.get("_ClientRequestToken") != token:
             continue
         if record.get("_RequestFingerprint") != fingerprint:
@@ -154,9 +162,9 @@ def _validate_create(request: dict[str, Any]) -> dict[str, Any]:
         message = f"FileSystemType {request.get('FileSystemType')!r} is not supported; use LUSTRE."
         raise FsxError("BadRequest", message, CREATE)
     capacity = request.get("StorageCapacity")
-    if not _is_int(capacity) or capacity <= 0:
+    if not is_int(capacity) or capacity <= 0:
         raise FsxError("BadRequest", "StorageCapacity must be a positive integer (GiB).", CREATE)
-    _validate_tags(request.get("Tags"))
+    validate_tags(request.get("Tags"), CREATE)
     conf = request.get("LustreConfiguration") or {}
     if not isinstance(conf, dict):
         raise FsxError("BadRequest", "LustreConfiguration must be a structure.", CREATE)
@@ -196,39 +204,51 @@ def _validate_create(request: dict[str, Any]) -> dict[str, Any]:
                 f"'{export_url.bucket}' must be the same as the import bucket '{import_url.bucket}'.",
                 CREATE,
             )
-    chunk = conf.get("ImportedFileChunkSize", DEFAULT_CHUNK_SIZE)
-    if not _is_int(chunk) or not 1 <= chunk <= MAX_CHUNK_SIZE:
-        message = f"ImportedFileChunkSize must be an integer from 1 to {MAX_CHUNK_SIZE} (MiB)."
-        raise FsxError("BadRequest", message, CREATE)
+    validate_chunk_size(conf.get("ImportedFileChunkSize", DEFAULT_CHUNK_SIZE), CREATE)
     _validate_policy(conf.get("AutoImportPolicy", "NONE"), CREATE)
     if "AutoExportPolicy" in conf:
-        conf["AutoExportPolicy"] = _validate_export_policy(conf["AutoExportPolicy"], CREATE)
+        conf["AutoExportPolicy"] = validate_events_policy(conf["AutoExportPolicy"], "AutoExportPolicy", CREATE)
     return conf
 
 
-def _validate_tags(tags: Any) -> None:
+def validate_tags(tags: Any, operation: str) -> None:
+    """Check a ``Tags`` list (shape ``Tags``): 1 to 50 ``{Key, Value}``; BadRequest otherwise."""
     if tags is None:
         return
     if not isinstance(tags, list) or not 1 <= len(tags) <= 50:
-        raise FsxError("BadRequest", "Tags must be a list of 1 to 50 {Key, Value} structures.", CREATE)
+        raise FsxError("BadRequest", "Tags must be a list of 1 to 50 {Key, Value} structures.", operation)
     for tag in tags:
         if not isinstance(tag, dict) or set(tag) - {"Key", "Value"}:
-            raise FsxError("BadRequest", "Each tag must be a structure with Key and Value.", CREATE)
+            raise FsxError("BadRequest", "Each tag must be a structure with Key and Value.", operation)
         key, value = tag.get("Key"), tag.get("Value", "")
         if not isinstance(key, str) or not 1 <= len(key) <= 128:
-            raise FsxError("BadRequest", "Tag keys must be 1 to 128 characters long.", CREATE)
+            raise FsxError("BadRequest", "Tag keys must be 1 to 128 characters long.", operation)
         if not isinstance(value, str) or len(value) > 256:
-            raise FsxError("BadRequest", "Tag values must be at most 256 characters long.", CREATE)
+            raise FsxError("BadRequest", "Tag values must be at most 256 characters long.", operation)
 
 
-def _archive_path(path: Any, member: str, invalid_code: str, direction: str) -> S3Url:
-    """Check an ImportPath/ExportPath (shape ``ArchivePath``) and parse it."""
+def validate_chunk_size(value: Any, operation: str) -> int:
+    """``value`` if it is a valid ImportedFileChunkSize (shape ``Megabytes``: 1 to 512000); else BadRequest."""
+    if not is_int(value) or not 1 <= value <= MAX_CHUNK_SIZE:
+        message = f"ImportedFileChunkSize must be an integer from 1 to {MAX_CHUNK_SIZE} (MiB)."
+        raise FsxError("BadRequest", message, operation)
+    return value
+
+
+def check_archive_path(path: Any, member: str, operation: str) -> str:
+    """``path`` if it has the shape ``ArchivePath`` (3 to 4357 characters, none forbidden); else BadRequest."""
     if not isinstance(path, str) or not 3 <= len(path) <= 4357 or ARCHIVE_PATH_FORBIDDEN.search(path):
         raise FsxError(
             "BadRequest",
             f"{member} must be 3 to 4357 characters long and contain no NUL, CR, LF, U+0085, U+2028 or U+2029.",
-            CREATE,
+            operation,
         )
+    return path
+
+
+def _archive_path(path: Any, member: str, invalid_code: str, direction: str) -> S3Url:
+    """Check an ImportPath/ExportPath (shape ``ArchivePath``) and parse it."""
+    check_archive_path(path, member, CREATE)
     url = S3Url.parse(path)
     if url is None:
         raise FsxError(
@@ -239,8 +259,13 @@ def _archive_path(path: Any, member: str, invalid_code: str, direction: str) -> 
     return url
 
 
-def check_bucket_access(s3: Any, import_path: str) -> None:
-    """Check that the import bucket exists and its prefix can be listed (HeadBucket + ListObjectsV2)."""
+def check_bucket_access(
+    s3: Any, import_path: str, operation: str = CREATE, missing_code: str = "InvalidImportPath"
+) -> None:
+    """Check that the import bucket exists and its prefix can be listed (HeadBucket + ListObjectsV2).
+
+    A missing bucket is ``missing_code``; a bucket that cannot be read is BadRequest with FSx's S3 access message.
+    """
     url = S3Url.parse(import_path)
     assert url is not None  # validated by the caller
     try:
@@ -249,13 +274,13 @@ def check_bucket_access(s3: Any, import_path: str) -> None:
     except botocore.exceptions.ClientError as e:
         if e.response.get("Error", {}).get("Code") in S3_MISSING_CODES:
             raise FsxError(
-                "InvalidImportPath",
+                missing_code,
                 f"The path provided for data repository import isn't valid: bucket '{url.bucket}' does not exist.",
-                CREATE,
+                operation,
             ) from None
-        raise FsxError("BadRequest", S3_ACCESS_MESSAGE, CREATE) from None
+        raise FsxError("BadRequest", S3_ACCESS_MESSAGE, operation) from None
     except botocore.exceptions.BotoCoreError:  # unreachable endpoint, no credentials…
-        raise FsxError("BadRequest", S3_ACCESS_MESSAGE, CREATE) from None
+        raise FsxError("BadRequest", S3_ACCESS_MESSAGE, operation) from None
 
 
 def _new_record(request: dict[str, Any], conf: dict[str, Any], endpoint_url: str | None, region: str) -> dict[str, Any]:
@@ -305,7 +330,7 @@ def _new_record(request: dict[str, Any], conf: dict[str, Any], endpoint_url: str
 
 
 def _new_file_system_id() -> str:
-    existing = {r["FileSystemId"] for r in records.list_records()}
+    existing = {r["FileSystemId"] for r in records.list_records(CREATE)}
     while True:
         fs_id = "fs-" + secrets.token_hex(9)[:17]
         if fs_id not in existing:
@@ -339,10 +364,10 @@ def describe_file_systems(
     Without ``ids`` every file system is listed, oldest first. Pages hold at most ``max_results`` (and at
     most 50) file systems; ``next_token`` is the opaque token of a previous page.
     """
-    if max_results is not None and (not _is_int(max_results) or max_results < 1):
+    if max_results is not None and (not is_int(max_results) or max_results < 1):
         raise FsxError("BadRequest", "MaxResults must be an integer greater than or equal to 1.", DESCRIBE)
     page_size = min(max_results or MAX_PAGE, MAX_PAGE)
-    start = _decode_token(next_token) if next_token is not None else 0
+    start = decode_token(next_token, DESCRIBE) if next_token is not None else 0
     if ids:
         if len(ids) > MAX_PAGE:
             raise FsxError("BadRequest", f"At most {MAX_PAGE} FileSystemIds can be given.", DESCRIBE)
@@ -357,22 +382,24 @@ def describe_file_systems(
     page = selected[start : start + page_size]
     result: dict[str, Any] = {"FileSystems": [public_view(r) for r in page]}
     if start + page_size < len(selected):
-        result["NextToken"] = _encode_token(start + page_size)
+        result["NextToken"] = encode_token(start + page_size)
     return result
 
 
-def _encode_token(offset: int) -> str:
+def encode_token(offset: int) -> str:
+    """The opaque NextToken of the page that starts at ``offset``."""
     return base64.b64encode(json.dumps({"v": 1, "offset": offset}).encode()).decode()
 
 
-def _decode_token(token: str) -> int:
+def decode_token(token: str, operation: str) -> int:
+    """The offset a NextToken from :func:`encode_token` stands for; BadRequest if it is not one."""
     try:
         data = json.loads(base64.b64decode(token, validate=True))
         offset = data["offset"]
-        if data.get("v") != 1 or not _is_int(offset) or offset < 0:
+        if data.get("v") != 1 or not is_int(offset) or offset < 0:
             raise ValueError(offset)
     except (binascii.Error, ValueError, TypeError, KeyError):
-        raise FsxError("BadRequest", "The NextToken value is not valid.", DESCRIBE) from None
+        raise FsxError("BadRequest", "The NextToken value is not valid.", operation) from None
     return offset
 
 
@@ -381,7 +408,7 @@ def _decode_token(token: str) -> int:
 
 def update_file_system(fs_id: str, lustre_configuration: dict[str, Any]) -> dict[str, Any]:
     """UpdateFileSystem: change AutoImportPolicy and/or WeeklyMaintenanceStartTime; ``{"FileSystem"}``."""
-    with _control_lock():
+    with control_lock(UPDATE):
         record = records.load_record(fs_id, UPDATE)
         for member in lustre_configuration:
             if member in IMMUTABLE_MEMBERS:
@@ -413,8 +440,9 @@ def update_file_system(fs_id: str, lustre_configuration: dict[str, Any]) -> dict
             if repository is None:
                 message = "AutoExportPolicy can only be set on a file system with an ImportPath."
                 raise FsxError("BadRequest", message, UPDATE)
-            repository["AutoExportPolicy"] = _validate_export_policy(lustre_configuration["AutoExportPolicy"], UPDATE)
-        records.save_record(record)
+            policy = validate_events_policy(lustre_configuration["AutoExportPolicy"], "AutoExportPolicy", UPDATE)
+            repository["AutoExportPolicy"] = policy
+        records.save_record(record, UPDATE)
     return {"FileSystem": public_view(record)}
 
 
@@ -422,8 +450,13 @@ def update_file_system(fs_id: str, lustre_configuration: dict[str, Any]) -> dict
 
 
 def delete_file_system(fs_id: str) -> dict[str, Any]:
-    """DeleteFileSystem: remove the record and the local directory (never S3 data); refused while mounted."""
-    with _control_lock():
+    """DeleteFileSystem: remove the record and the local directory (never S3 data); refused while mounted.
+
+    In the cluster engine the file system's namespace is dropped from the database too (before the record, so a
+    failure leaves a record to delete again). Only this host's mount is checked: a mount on another host is not
+    seen, and loses its namespace.
+    """
+    with control_lock(DELETE):
         records.load_record(fs_id, DELETE)
         state = records.mount_state(fs_id)
         if state is not None:
@@ -432,6 +465,11 @@ def delete_file_system(fs_id: str) -> dict[str, Any]:
                 f"File system {fs_id} is mounted at {state.get('mountpoint')}; unmount it first.",
                 DELETE,
             )
+        conninfo = records.cluster_conninfo(DELETE)
+        if conninfo is not None:
+            from lustrefs.store import pgrecords  # psycopg is loaded only by the cluster engine
+
+            pgrecords.drop_file_system(conninfo, fs_id, DELETE)
         shutil.rmtree(records.home_dir() / fs_id, ignore_errors=True)
         records.delete_record(fs_id)
     return {"FileSystemId": fs_id, "Lifecycle": "DELETING"}
@@ -456,27 +494,37 @@ def _validate_policy(value: Any, operation: str) -> str:
     return value
 
 
-def _validate_export_policy(value: Any, operation: str) -> dict[str, list[str]]:
-    """``{"Events": [...]}`` with events from NEW, CHANGED, DELETED (the shorthand ``{Events=[NEW,CHANGED]}`` too)."""
+def validate_events_policy(value: Any, member: str, operation: str) -> dict[str, list[str]]:
+    """An event-list policy (``AutoExportPolicy``, a DRA's ``AutoImportPolicy``): ``{"Events": [...]}`` with distinct
+    events from NEW, CHANGED, DELETED (the shorthand ``{Events=[NEW,CHANGED]}`` too); BadRequest naming ``member``."""
     if isinstance(value, str) and (m := re.fullmatch(r"\{Events=\[([A-Z,]*)\]\}", value.replace(" ", ""))):
         value = {"Events": [e for e in m[1].split(",") if e]}
     events = value.get("Events") if isinstance(value, dict) and set(value) == {"Events"} else None
     if not isinstance(events, list) or len(set(events)) != len(events) or not set(events) <= set(EXPORT_EVENTS):
         raise FsxError(
             "BadRequest",
-            f'Invalid AutoExportPolicy {value!r}; use {{"Events": [...]}} with events from {", ".join(EXPORT_EVENTS)}.',
+            f'Invalid {member} {value!r}; use {{"Events": [...]}} with events from {", ".join(EXPORT_EVENTS)}.',
             operation,
         )
     return {"Events": events}
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (a bool is not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager
-def _control_lock() -> Iterator[None]:
-    """Serialise control-plane changes between processes (token lookups, id allocation, updates)."""
+def control_lock(operation: str) -> Iterator[None]:
+    """Serialise control-plane changes (token lookups, id allocation, updates, deletions): between this host's
+    processes with a file lock, or, in the cluster engine, between every host's with the database's advisory lock."""
+    conninfo = records.cluster_conninfo(operation)
+    if conninfo is not None:
+        from lustrefs.store import pgrecords  # psycopg is loaded only by the cluster engine
+
+        with pgrecords.control_lock(conninfo, operation):
+            yield
+        return
     with open(records.home_dir() / ".control.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

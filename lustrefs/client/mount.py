@@ -69,9 +69,9 @@ def plan(
     except options.OptionError as exc:
         raise MountError(str(exc)) from None
     repo_conf = record.get("LustreConfiguration", {}).get("DataRepositoryConfiguration") or {}
-    url = s3client.S3Url.parse(repo_conf.get("ImportPath", ""))
-    if url is None:
-        raise MountError(f"file system {fs_id} has no data repository (ImportPath); nothing to mount")
+    url = s3client.S3Url.parse(repo_conf.get("ImportPath", ""))  # None: linked by associations (or not yet)
+    if repo_conf and url is None:
+        raise MountError(f"file system {fs_id} has an ImportPath that is not an S3 URL")
     for target in opts.cache_dirs:
         if not os.path.isdir(target):  # an unmounted disk must not send the cache to the root file system
             raise MountError(f"cache_dir {target} does not exist or is not a directory")
@@ -88,8 +88,8 @@ def plan(
         mountpoint=mountpoint,
         opts=opts,
         record=record,
-        bucket=url.bucket,
-        import_prefix=url.prefix,
+        bucket=url.bucket if url else "",
+        import_prefix=url.prefix if url else "",
         endpoint_url=opts.endpoint_url or endpoint_url or record.get("_EndpointUrl"),
         region=region or record.get("_Region"),
         profile=profile,
@@ -97,7 +97,10 @@ def plan(
 
 
 def check_bucket(p: MountPlan) -> None:
-    """Fail fast, with a clear message, if the import bucket cannot be read."""
+    """Fail fast, with a clear message, if the import bucket cannot be read (associations: each is checked by
+    the daemon, which reports MISCONFIGURED)."""
+    if not p.bucket:
+        return
     client = p.client(io_timeout=p.opts.io_timeout, max_attempts=2)
     try:
         client.list_objects_v2(Bucket=p.bucket, Prefix=p.import_prefix, MaxKeys=1)

@@ -26,7 +26,7 @@ from lustrefs.daemon.control_channel import Control, ControlFile
 from lustrefs.data.cache import Buffer, Cache, FileData, ObjectVersion
 from lustrefs.data.prefetch import Prefetcher, ReadAhead
 from lustrefs.errors import NoEntry
-from lustrefs.s3.repository import RepositoryError, VersionChanged
+from lustrefs.s3.repository import NotFound, RepositoryError, VersionChanged
 from lustrefs.store import db
 from lustrefs.store.exports import DATA
 from lustrefs.store.inodes import Inode
@@ -261,10 +261,13 @@ class Operations(pyfuse3.Operations):
             self.prefetcher.on_read(handle.read_ahead, data.source, off, size)
         try:
             buf = await self.cache.read(data, off, size)
-        except VersionChanged:
-            if not await self._reload_unread(handle.ino, data):
-                raise
-            data = self._data(handle.ino)
+        except (VersionChanged, NotFound):
+            moved = self._data(handle.ino)
+            if moved.source == data.source or reimported:  # not the move of its clean data by an export
+                if not await self._reload_unread(handle.ino, data):
+                    raise
+                moved = self._data(handle.ino)
+            data = moved  # an export (or another host's close) moved its clean data meanwhile: read it there
             buf = await self.cache.read(data, off, size)  # once: a version replaced again is ESTALE
         if data.source is not None:
             handle.read_etag = data.source.etag
@@ -298,15 +301,21 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def flush(self, fh: int) -> None:
-        # Nothing to do at close (writes are on local disk once acknowledged; export follows release). ENOSYS
-        # makes the kernel stop sending FLUSH on this connection: one round trip less per close.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        # Embedded engine: nothing to do at close (writes are on local disk once acknowledged; export follows
+        # release); ENOSYS makes the kernel stop sending FLUSH: one round trip less per close. Cluster engine:
+        # close-to-open, the data written here goes to shared storage before close(2) returns.
+        if not self.writeback.stages:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        handle = self._handles.get(fh)
+        if handle is not None and handle.writable:
+            await self.writeback.stage(handle.ino)
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         if self.control_file.owns(fh):
             return
         await self._sync(self._handles[fh].ino)
+        await self.writeback.stage(self._handles[fh].ino)
 
     @fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

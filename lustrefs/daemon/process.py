@@ -15,26 +15,35 @@ import faulthandler
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import boto3
+import cachetools
+import psycopg
 import pyfuse3
 import trio
 
-from lustrefs import options, records, s3client
+from lustrefs import associations, engine, options, records, s3client
+from lustrefs.client import associations as client_associations
 from lustrefs.client.mount import EXIT_FILE, MOUNT_FAILURE, MountError, MountPlan, plan
+from lustrefs.constants import STAGING_NAME
 from lustrefs.daemon import sdnotify
-from lustrefs.daemon.core import Core, Settings
+from lustrefs.daemon.core import AssociationSource, ClusterLink, Core, EventSource, Settings
 from lustrefs.data.cache import Cache
 from lustrefs.errors import FsxError
 from lustrefs.events import EventLog
 from lustrefs.s3.fastpath import FastPath
 from lustrefs.s3.repository import Repository
-from lustrefs.store import db
+from lustrefs.s3.routing import RoutedStore
+from lustrefs.store import db, pg
 from lustrefs.store.cacheparts import CachePartStore
+from lustrefs.sync import s3events
 from lustrefs.sync.exporter import EVENTS
 from lustrefs.sync.importer import read_policy
 from lustrefs.tree.loader import Defaults
@@ -43,14 +52,22 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0  # seconds requests still running after the export get (aborting a multipart upload)
 FLUSH_INTERVAL = 30.0
+RECORD_TTL = 2.0  # seconds a mount reuses the file system's record it read
 
 
-def write_exit_status(home: Path, pid: int, left: list[tuple[str, str]]) -> None:
-    """Record the clean end of daemon ``pid``: what it could not export (``unexported.json``), then the exit
-    status file that ``umount`` requires. A daemon that dies before this leaves no exit status."""
+def write_exit_status(
+    home: Path, pid: int, left: list[tuple[str, str]], association_of: Callable[[str], str | None] | None = None
+) -> None:
+    """Record the clean end of daemon ``pid``: what it could not export (``unexported.json``, each entry with its
+    association if any), then the exit status file that ``umount`` requires. A daemon that dies before this
+    leaves no exit status."""
     report = home / "unexported.json"
     if left:
-        report.write_text(json.dumps([{"path": path, "reason": why} for path, why in left], indent=1))
+        entries = [{"path": path, "reason": why} for path, why in left]
+        for entry in entries if association_of else ():
+            if found := association_of(entry["path"]):  # type: ignore[misc]
+                entry["associationId"] = found
+        report.write_text(json.dumps(entries, indent=1))
     else:
         report.unlink(missing_ok=True)
     tmp = home / (EXIT_FILE + ".tmp")
@@ -110,22 +127,30 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
     home = records.fs_dir(p.fs_id)
     _setup_logging(p.opts.log_level, home / "daemon.log")
     faulthandler.register(signal.SIGUSR1)
-    repo_conf = p.record["LustreConfiguration"]["DataRepositoryConfiguration"]
+    repo_conf = p.record["LustreConfiguration"].get("DataRepositoryConfiguration") or {}
     chunk_size = int(repo_conf.get("ImportedFileChunkSize", 1024)) * options.MIB
     capacity_gib = p.opts.cache_size_gib or float(p.record.get("StorageCapacity", 1200))
 
-    conn = db.connect(home / "state.db")
-    events = EventLog(home / "events.jsonl", p.fs_id)
+    try:
+        setting = engine.configured(records.home_dir())
+        if setting.shared:
+            conn: db.Connection = pg.connect(setting.conninfo, p.fs_id)
+            local = db.connect(home / "cache.db", local=True)
+        else:
+            conn = local = db.connect(home / "state.db")
+    except (engine.EngineConfigError, psycopg.Error, RuntimeError) as exc:
+        log.error("cannot open the file system's metadata: %s", exc)
+        return MOUNT_FAILURE
     try:
         targets = _cache_targets(p, home)
     except OSError as exc:
         log.error("cannot use the cache targets: %s", exc)
         return MOUNT_FAILURE
-    old_layout = db.get_setting(conn, "cache_layout")
+    old_layout = db.get_setting(local, "cache_layout")
     part_size = _part_size(p.opts.part_size_mib, chunk_size, old_layout)
     layout = json.dumps({"targets": [str(t) for t in targets], "part": part_size, "chunk": chunk_size})
     if old_layout not in (None, layout):
-        dirty = CachePartStore(conn).files_with_local_data()
+        dirty = CachePartStore(local).files_with_local_data()
         if dirty:
             log.error(
                 "the cache layout changed (cache_dir or part_size) while %d files have data not yet exported;"
@@ -135,19 +160,33 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
             )
             return MOUNT_FAILURE
         log.info("cache layout changed; starting with an empty cache index")
-        CachePartStore(conn).clear()
-    db.set_setting(conn, "cache_layout", layout)
+        CachePartStore(local).clear()
+    db.set_setting(local, "cache_layout", layout)
 
+    record = record_reader(p.fs_id)
     client = p.client(max_pool_connections=p.opts.max_connections, io_timeout=p.opts.io_timeout)
     credentials = boto3.session.Session(profile_name=p.profile).get_credentials()
-    fast = FastPath.create(client, p.bucket, credentials, p.opts.max_connections)
-    repo = Repository(
-        client, p.bucket, p.opts.max_connections, p.opts.sse_kms_key_id, fast, io_timeout=p.opts.io_timeout
-    )
-    export_url = s3client.S3Url.parse(repo_conf.get("ExportPath") or repo_conf["ImportPath"])
+
+    def bucket_repository(bucket: str) -> Repository:
+        fast = FastPath.create(client, bucket, credentials, p.opts.max_connections)
+        return Repository(
+            client, bucket, p.opts.max_connections, p.opts.sse_kms_key_id, fast, io_timeout=p.opts.io_timeout
+        )
+
+    repo: Repository | RoutedStore
+    links = None
+    if p.bucket:  # the legacy link: one bucket, the import prefix filters
+        repo = bucket_repository(p.bucket)
+        export_url = s3client.S3Url.parse(repo_conf.get("ExportPath") or repo_conf["ImportPath"])
+        export_prefix = export_url.prefix if export_url else p.import_prefix
+    else:  # data repository associations (or none yet): keys are paths, routed to each association's bucket
+        repo = RoutedStore(associations.Associations.routed(associations.from_record(p.record)), bucket_repository)
+        export_prefix = ""
+        links = association_source(p.fs_id)
+    events = EventLog(home / "events.jsonl", p.fs_id, repo.association_of if isinstance(repo, RoutedStore) else None)
     settings = Settings(
         import_prefix=p.import_prefix,
-        export_prefix=export_url.prefix if export_url else p.import_prefix,
+        export_prefix=export_prefix,
         cache_targets=targets,
         cache_capacity=int(capacity_gib * options.GIB),
         chunk_size=chunk_size,
@@ -158,14 +197,19 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         devices=not p.opts.nodev and os.geteuid() == 0,
         max_connections=p.opts.max_connections,
         export_delay=p.opts.export_delay,
-        export_policy=export_policy(p.fs_id),
-        import_policy=read_policy(lambda: records.load_record(p.fs_id)),
+        export_policy=export_policy(record),
+        import_policy=read_policy(record),
         poll_interval=p.opts.poll_interval,
         read_ahead=p.opts.read_ahead_mib * options.MIB,
         attr_timeout=p.opts.attr_timeout,
         negative_timeout=p.opts.negative_timeout,
-    )
-    core = Core(conn, repo, events, settings)
+        cluster=ClusterLink(
+            setting.conninfo, p.fs_id, _host_name(home), f"{STAGING_NAME}/{p.fs_id}/"
+        ) if setting.shared else None,
+        associations=links,
+        events=event_source(p, repo) if p.opts.event_queue else None,
+    )  # fmt: skip
+    core = Core(conn, repo, events, settings, local)
 
     fuse_opts = set(pyfuse3.default_options) | {f"fsname={p.fs_id}", "subtype=lustrefs"}
     if p.opts.ro:
@@ -204,27 +248,80 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         state_file.unlink(missing_ok=True)
         (home / "repository-state.json").unlink(missing_ok=True)
         conn.close()
+        local.close()
         events.close()
         log.info("unmounted %s", p.mountpoint)
-    write_exit_status(home, os.getpid(), left)
+    write_exit_status(home, os.getpid(), left, events.association_of)
     return 0
 
 
-def export_policy(fs_id: str) -> Callable[[], frozenset[str]]:
-    """The file system's AutoExportPolicy events, read from its record each time (updates apply while mounted)."""
+def _host_name(home: Path) -> str:
+    """This host's name in the cluster: the machine's name and an id kept in the file system's directory (two
+    mounts of one machine with their own LUSTREFS_HOME are two hosts)."""
+    path = home / "host-id"
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_hex(6)
+        path.write_text(token + "\n")
+    return f"{socket.gethostname()}:{token}"
 
-    def events() -> frozenset[str]:
+
+def event_source(p: MountPlan, repo: Repository | RoutedStore) -> EventSource:
+    """The mount's ``event_queue``: where an event's (bucket, key) is in this file system (the import prefix
+    filters the legacy link's bucket; associations re-root theirs)."""
+    assert p.opts.event_queue is not None
+
+    def locate(bucket: str, key: str) -> str | None:
+        if isinstance(repo, RoutedStore):
+            return repo.map.virtual(bucket, key)
+        return key if bucket == p.bucket and key.startswith(p.import_prefix) else None
+
+    client = s3events.make_client(p.endpoint_url, p.region)
+    return EventSource(client, p.opts.event_queue, locate)
+
+
+def association_source(fs_id: str) -> AssociationSource:
+    """Where the daemon reads the file system's associations (its record, read afresh) and reports on them."""
+
+    async def read() -> list[associations.Association]:
+        record = await trio.to_thread.run_sync(records.load_record, fs_id)
+        return associations.from_record(record)
+
+    async def report(dra_id: str, lifecycle: str, failure: str | None) -> None:
+        await trio.to_thread.run_sync(client_associations.report_lifecycle, fs_id, dra_id, lifecycle, failure)
+
+    async def forget(dra_id: str) -> None:
+        await trio.to_thread.run_sync(client_associations.forget, fs_id, dra_id)
+
+    return AssociationSource(read, report, forget)
+
+
+def record_reader(fs_id: str) -> Callable[[], dict[str, Any]]:
+    """The file system's record, read again once it is RECORD_TTL seconds old: updates apply while mounted, and
+    the exports and polls that ask for its policies do not each read it (in a cluster, a database query)."""
+    return cachetools.cached(cachetools.TTLCache(maxsize=1, ttl=RECORD_TTL))(lambda: records.load_record(fs_id))
+
+
+def export_policy(record: Callable[[], dict[str, Any]]) -> Callable[[str], frozenset[str] | None]:
+    """The export events of a key (None: the key is in no association, not exported), from the file system's
+    record as ``record`` gives it: its legacy AutoExportPolicy, or the events of the association holding it."""
+
+    def events(key: str) -> frozenset[str] | None:
         try:
-            conf = records.load_record(fs_id)["LustreConfiguration"]["DataRepositoryConfiguration"]
-        except (FsxError, KeyError):
+            current = record()
+        except FsxError:
             return frozenset(EVENTS)
+        if current.get("_Associations") is not None:
+            return associations.Associations.routed(associations.from_record(current)).export_events(key)
+        conf = current.get("LustreConfiguration", {}).get("DataRepositoryConfiguration") or {}
         return frozenset((conf.get("AutoExportPolicy") or {}).get("Events", EVENTS))
 
     return events
 
 
 async def _main(
-    core: Core, repo: Repository, ready_fd: int | None, export_timeout: float, closed: list[bool]
+    core: Core, repo: Repository | RoutedStore, ready_fd: int | None, export_timeout: float, closed: list[bool]
 ) -> list[tuple[str, str]]:
     """Serve until unmounted; then export what is dirty, for at most ``export_timeout`` seconds (requests still
     running then get SHUTDOWN_GRACE more). Returns what could not be exported."""

@@ -335,7 +335,7 @@ class TaskRunner:
     async def _import(self, task: dict[str, Any], progress: _Progress) -> None:
         """Re-list the loaded directories under the S3 paths and apply new, changed and deleted objects."""
         dirs = [self._import_dir(p) for p in task["Paths"]] or None
-        result = await self.importer.poll(dirs, policy="NEW_CHANGED")
+        result = await self.importer.poll(dirs, events=frozenset({"NEW", "CHANGED"}))
         if getattr(self.importer, "lifecycle", "AVAILABLE") != "AVAILABLE":
             raise TaskFailed(getattr(self.importer, "failure", None) or "The data repository cannot be listed.")
         done = result.new + result.changed + result.deleted

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -99,11 +100,15 @@ class Demo:
     A script more than a component: its steps read top to bottom, and each needs what the previous one started.
     """
 
-    def __init__(self, mountpoint: Path, keep_state: bool, wait: bool) -> None:
+    def __init__(self, mountpoint: Path, keep_state: bool, wait: bool, work: Path | None = None) -> None:
         self.mountpoint = mountpoint
         self.keep_state = keep_state
         self.wait = wait
-        self.work = Path(tempfile.mkdtemp(prefix="lustrefs-demo-"))
+        if work is None:
+            work = Path(tempfile.mkdtemp(prefix="lustrefs-demo-"))
+        else:  # a directory of its own inside another run's (lustrefs.demo.cluster: one Demo per host)
+            work.mkdir(mode=0o700, parents=True)
+        self.work = work
         self.home = self.work / "home"
         self.mount_log = self.work / "mount.log"
         self.s3: LocalS3 | None = None
@@ -113,6 +118,11 @@ class Demo:
         self.test_credentials = False
         self.phase = "starting"
         self.env: dict[str, str] = dict(os.environ)  # completed by start_endpoint
+        self.step_numbers = itertools.count(1)  # shared by the Demos of one run (lustrefs.demo.cluster)
+
+    def step(self, text: str) -> None:
+        """The heading of the next numbered step."""
+        heading(f"{next(self.step_numbers)}. {text}")
 
     # --- running commands -----------------------------------------------------------------------------------
     def run(
@@ -183,7 +193,7 @@ class Demo:
 
     def start_endpoint(self) -> None:
         self.phase = "starting the local S3 endpoint"
-        heading("1. Local S3 endpoint (moto) on 127.0.0.1")
+        self.step("Local S3 endpoint (moto) on 127.0.0.1")
         self.s3 = LocalS3(log_path=self.work / "moto.log")
         try:
             self.s3.start()
@@ -201,7 +211,7 @@ class Demo:
     def fill_bucket(self) -> dict[str, str]:
         self.phase = "filling the bucket"
         assert self.s3 is not None
-        heading(f"2. Bucket s3://{BUCKET} with the sample data set")
+        self.step(f"Bucket s3://{BUCKET} with the sample data set")
         client = self.s3.client()
         client.create_bucket(Bucket=BUCKET)
         hashes = populate_sample(client, BUCKET)
@@ -219,7 +229,7 @@ class Demo:
     def create_file_system(self) -> None:
         self.phase = "creating the file system"
         assert self.s3 is not None
-        heading("3. Create a file system linked to the bucket")
+        self.step("Create a file system linked to the bucket")
         result = self.cli(
             "--endpoint-url", self.s3.endpoint_url, "create-file-system",
             "--file-system-type", "LUSTRE", "--storage-capacity", "1200",
@@ -249,7 +259,7 @@ class Demo:
     def mount(self) -> None:
         self.phase = "mounting"
         assert self.fs_id is not None
-        heading(f"4. Mount {self.fs_id} on {self.mountpoint}")
+        self.step(f"Mount {self.fs_id} on {self.mountpoint}")
         if not self.mountpoint.exists():
             self.mountpoint.mkdir(parents=True)
             self.created_mountpoint = True
@@ -265,7 +275,7 @@ class Demo:
     def look_around(self, hashes: dict[str, str]) -> None:
         self.phase = "using the mount"
         assert self.s3 is not None and self.fs_id is not None
-        heading("5. Ordinary commands on the mount")
+        self.step("Ordinary commands on the mount")
         self.run(["ls", "-l", self.mountpoint])
         self.run(["ls", "-l", self.mountpoint / "data" / "genomes"])
         self.run(["ls", "-la", self.path_of(SAMPLE_DIR_MARKER)])
@@ -311,7 +321,7 @@ class Demo:
         assert self.s3 is not None and self.fs_id is not None
         mnt = shlex.quote(str(self.mountpoint))
         cli = shown(CLI)
-        heading("6. Try it yourself, from another shell")
+        self.step("Try it yourself, from another shell")
         lines = [
             f"export LUSTREFS_HOME={shlex.quote(str(self.home))}",
             f"export AWS_ENDPOINT_URL={self.s3.endpoint_url}",
@@ -342,19 +352,30 @@ class Demo:
         assert self.s3 is not None
         self.phase = "waiting"
         say(f"\nPress Ctrl-C (or send SIGTERM to pid {os.getpid()}) to unmount and stop.")
-        while True:
-            if not self.s3.running:
-                raise DemoError(f"the local S3 endpoint exited unexpectedly\n{_tail(self.work / 'moto.log')}")
-            if not is_mounted(self.mountpoint):
-                say(f"{self.mountpoint} was unmounted from outside; shutting down.")
-                return
-            time.sleep(1)  # polling the two conditions above; a signal interrupts it
+        while self.still_up():
+            time.sleep(1)  # polling still_up(); a signal interrupts it
+
+    def still_up(self) -> bool:
+        """False once the mount was removed from outside; raises DemoError if the endpoint died."""
+        assert self.s3 is not None
+        if not self.s3.running:
+            raise DemoError(f"the local S3 endpoint exited unexpectedly\n{_tail(self.work / 'moto.log')}")
+        if not is_mounted(self.mountpoint):
+            say(f"{self.mountpoint} was unmounted from outside; shutting down.")
+            return False
+        return True
 
     # --- clean-up -------------------------------------------------------------------------------------------
     def cleanup(self) -> bool:
         """Undo what was started: unmount, end the daemon, stop the endpoint. True if all went well."""
-        ok = True
         heading("Cleaning up")
+        ok = self.release_mount()
+        self.stop_endpoint()
+        return ok
+
+    def release_mount(self) -> bool:
+        """Unmount, wait for the daemon to exit, remove the mount point if this run made it. True if all went well."""
+        ok = True
         if self.mount_attempted:
             ok = self.unmount() and ok
             ok = self.wait_for_daemon() and ok
@@ -363,11 +384,13 @@ class Demo:
             if self.created_mountpoint and not is_mounted(self.mountpoint):
                 with contextlib.suppress(OSError):
                     self.mountpoint.rmdir()
+        return ok
+
+    def stop_endpoint(self) -> None:
         if self.s3 is not None:
             pid = self.s3.pid
             self.s3.stop()
             say(f"stopped the local S3 endpoint (pid {pid})")
-        return ok
 
     def unmount(self) -> bool:
         if not is_mounted(self.mountpoint):
@@ -390,18 +413,19 @@ class Demo:
 
     def daemon_pids(self) -> set[int]:
         """PIDs of this run's mount daemon: from ``<home>/<fs-id>/mount.json``, and any process whose command
-        line runs ``lustrefs.daemon.process`` for this run's (unique) file system id, in case mount.json is not
-        written yet."""
+        line runs ``lustrefs.daemon.process`` for this run's (unique) file system id on this mount point, in case
+        mount.json is not written yet. (Several hosts of lustrefs.demo.cluster mount the same file system.)"""
         assert self.fs_id is not None
         pids: set[int] = set()
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             pids.add(int(json.loads((self.home / self.fs_id / "mount.json").read_text())["pid"]))
+        places = {os.fsencode(self.mountpoint), os.fsencode(os.path.realpath(self.mountpoint))}
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             with contextlib.suppress(OSError):
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if b"lustrefs.daemon.process" in argv and self.fs_id.encode() in argv:
+                if b"lustrefs.daemon.process" in argv and self.fs_id.encode() in argv and places & set(argv):
                     pids.add(int(proc.name))
         pids.discard(os.getpid())
         return {p for p in pids if records.process_alive(p)}
@@ -434,6 +458,18 @@ class Demo:
         shutil.rmtree(self.work, ignore_errors=True)
 
     # --- the whole run --------------------------------------------------------------------------------------
+    def steps(self) -> None:
+        """The demo's steps, in order (:meth:`main` runs them and always cleans up)."""
+        self.preflight()
+        self.start_endpoint()
+        hashes = self.fill_bucket()
+        self.create_file_system()
+        self.mount()
+        self.look_around(hashes)
+        self.print_next_steps()
+        if self.wait:
+            self.wait_for_signal()
+
     def main(self) -> int:
         """Run every step; always clean up. Returns the process exit status."""
         status = 0
@@ -445,15 +481,7 @@ class Demo:
         for s in handlers:
             signal.signal(s, on_signal)
         try:
-            self.preflight()
-            self.start_endpoint()
-            hashes = self.fill_bucket()
-            self.create_file_system()
-            self.mount()
-            self.look_around(hashes)
-            self.print_next_steps()
-            if self.wait:
-                self.wait_for_signal()
+            self.steps()
         except Stop as e:
             if self.phase == "waiting":
                 say(f"\n{e} received.")

@@ -89,7 +89,9 @@ class ObjectStore(Protocol):
     async def get_range(self, key: str, etag: str, start: int, end: int) -> bytes: ...
     async def get_object(self, key: str, etag: str) -> bytes: ...
     async def put(self, key: str, body: bytes, metadata: dict[str, str]) -> str: ...
-    async def copy(self, src_key: str, src_etag: str, key: str, metadata: dict[str, str]) -> str: ...
+    async def copy(
+        self, src_key: str, src_etag: str, key: str, metadata: dict[str, str], src_bucket: str | None = None
+    ) -> str: ...
     async def delete_many(self, keys: list[str]) -> dict[str, str]: ...
     async def abort_uploads(self, key: str) -> int: ...
     async def start_upload(self, key: str, metadata: dict[str, str]) -> str: ...
@@ -256,15 +258,19 @@ class Repository:
         )
         return _etag(resp["ETag"])
 
-    async def copy(self, src_key: str, src_etag: str, key: str, metadata: dict[str, str]) -> str:
-        """Server-side ``CopyObject`` of one version with new metadata; returns the new ETag."""
+    async def copy(
+        self, src_key: str, src_etag: str, key: str, metadata: dict[str, str], src_bucket: str | None = None
+    ) -> str:
+        """Server-side ``CopyObject`` of one version (of this bucket's, or ``src_bucket``'s) with new metadata;
+        returns the new ETag."""
+        source = src_bucket or self.bucket
         resp = await self._call(
-            f"COPY s3://{self.bucket}/{src_key} -> {key}",
+            f"COPY s3://{source}/{src_key} -> s3://{self.bucket}/{key}",
             "COPY",
             lambda: self.client.copy_object(
                 Bucket=self.bucket,
                 Key=key,
-                CopySource={"Bucket": self.bucket, "Key": src_key},
+                CopySource={"Bucket": source, "Key": src_key},
                 CopySourceIfMatch=f'"{src_etag}"',
                 Metadata=metadata,
                 MetadataDirective="REPLACE",

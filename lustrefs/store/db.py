@@ -1,6 +1,9 @@
-"""The mount's durable local state in SQLite: the namespace loaded from S3 and the data cache index.
+"""The mount's durable state: the namespace loaded from S3 (shared tables) and the data cache index (local).
 
-Only the trio thread touches the connection (the one-owner rule); no worker thread ever sees it.
+The embedded engine keeps both in one SQLite file. The cluster engine keeps the shared tables in PostgreSQL
+(lustrefs.store.pg, which turns ``SHARED_SCHEMA`` into its types) and the local ones in each host's SQLite file.
+The stores' SQL is written in the dialect both engines accept, with ``?`` placeholders. Only the trio thread
+touches a connection (the one-owner rule); no worker thread ever sees it.
 """
 
 from __future__ import annotations
@@ -8,14 +11,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
-SCHEMA = """
+# Settings of the state: the schema version and the values the cache layout depends on. In both parts.
+_SETTINGS = """
+CREATE TABLE IF NOT EXISTS settings (
+    name       TEXT PRIMARY KEY,                  -- setting name
+    value      TEXT NOT NULL                      -- its value
+);
+"""
+
+# The namespace and its export state: one host's (SQLite), or every host's of a cluster (PostgreSQL).
+SHARED_SCHEMA = (
+    """
 -- One row per file, directory, symlink, FIFO, socket or device node the mount knows. Rows are created lazily,
 -- when their parent directory is first listed; inode numbers are never reused (AUTOINCREMENT).
 CREATE TABLE IF NOT EXISTS inodes (
@@ -48,6 +62,9 @@ CREATE TABLE IF NOT EXISTS inodes (
                                                   -- parent, name, dirty, data_gen, exported_key, import_etag, and
                                                   -- etag = the ETag of this name's exported object). NULL: the row
                                                   -- is an inode itself (and, unless orphaned, its first name)
+    holder     TEXT,                              -- cluster engine: the host whose cache has this file's data not
+                                                  -- yet in shared storage (written, not closed), or that holds it
+                                                  -- open once unlinked (parent 0). NULL: none; always NULL embedded
     UNIQUE (parent, name)
 );
 
@@ -84,7 +101,13 @@ CREATE TABLE IF NOT EXISTS export_intents (
     ino        INTEGER NOT NULL,                  -- inode being exported there
     since_ns   INTEGER NOT NULL                   -- when the request was started
 );
+"""
+    + _SETTINGS
+)
 
+# The data cache index: always in the host's own SQLite file.
+LOCAL_SCHEMA = (
+    """
 -- One row per part of file data present in the local cache. A part is `part_size` bytes at offset
 -- part * part_size, of one object version (clean, evictable) or of the local data of a dirty file (etag '':
 -- never evicted); its file lives on cache target (offset // chunk_size) % targets.
@@ -97,27 +120,36 @@ CREATE TABLE IF NOT EXISTS cache_parts (
     PRIMARY KEY (ino, etag, part)
 );
 CREATE INDEX IF NOT EXISTS cache_parts_lru ON cache_parts (last_use);
-
--- Settings of the state: schema version and the values the cache layout depends on.
-CREATE TABLE IF NOT EXISTS settings (
-    name       TEXT PRIMARY KEY,                  -- setting name
-    value      TEXT NOT NULL                      -- its value
-);
 """
+    + _SETTINGS
+)
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (and create or upgrade) the state database."""
+class Connection(Protocol):
+    """What the stores use of a connection: ``sqlite3.Connection``, or lustrefs.store.pg.PgConnection."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+def connect(path: Path, local: bool = False) -> sqlite3.Connection:
+    """Open (and create or upgrade) the state database: both parts, or only the ``local`` one (cluster engine)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     version = _version(conn)
-    if version in (2, 3, 4):
+    if version in (2, 3, 4, 5) and not local:
         # Version 3 added export_intents (created below), version 4 the device number of inodes, version 5 the
-        # names of hard links.
+        # names of hard links, version 6 the cluster's holder of a file.
         if version < 4:
             conn.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
-        conn.execute("ALTER TABLE inodes ADD COLUMN link_of INTEGER")
+        if version < 5:
+            conn.execute("ALTER TABLE inodes ADD COLUMN link_of INTEGER")
+        conn.execute("ALTER TABLE inodes ADD COLUMN holder TEXT")
         conn.execute("UPDATE settings SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
     elif version is not None and version < SCHEMA_VERSION:
         # Version 1 was read-only: it holds nothing that S3 cannot give again. Rebuild it.
@@ -125,8 +157,10 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.executescript("DROP TABLE IF EXISTS inodes; DROP TABLE IF EXISTS cache_parts; DELETE FROM settings;")
     elif version is not None and version > SCHEMA_VERSION:
         raise RuntimeError(f"{path} was written by a newer lustrefs (schema {version}); upgrade lustrefs")
-    conn.executescript(SCHEMA)
-    conn.execute("INSERT OR IGNORE INTO settings (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.executescript(LOCAL_SCHEMA if local else SHARED_SCHEMA + LOCAL_SCHEMA)
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", (str(SCHEMA_VERSION),)
+    )
     return conn
 
 
@@ -138,7 +172,7 @@ def _version(conn: sqlite3.Connection) -> int | None:
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: Connection) -> Iterator[None]:
     """Run the block in one transaction (the connection is in autocommit mode otherwise); nests as a no-op."""
     if conn.in_transaction:
         yield
@@ -153,8 +187,13 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def durable(conn: sqlite3.Connection) -> Iterator[None]:
-    """A transaction whose commit is on disk when the block ends (fsync of the WAL), for fsync(2)."""
+def durable(conn: Connection) -> Iterator[None]:
+    """A transaction whose commit is on disk when the block ends (fsync of the WAL), for fsync(2). PostgreSQL's
+    commits are (``synchronous_commit`` on, its default)."""
+    if not isinstance(conn, sqlite3.Connection):
+        with transaction(conn):
+            yield
+        return
     conn.execute("PRAGMA synchronous=FULL")
     try:
         with transaction(conn):
@@ -163,10 +202,13 @@ def durable(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("PRAGMA synchronous=NORMAL")
 
 
-def get_setting(conn: sqlite3.Connection, name: str) -> str | None:
+def get_setting(conn: Connection, name: str) -> str | None:
     row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
     return row[0] if row else None
 
 
-def set_setting(conn: sqlite3.Connection, name: str, value: str) -> None:
-    conn.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (name, value))
+def set_setting(conn: Connection, name: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (name, value),
+    )

@@ -20,9 +20,9 @@ the final tree decides whether it is kept (it is some live entry's ``exported_ke
 from __future__ import annotations
 
 import collections
-import sqlite3
 import time
 
+from lustrefs.store import db
 from lustrefs.store.inodes import ORPHAN, ROW, Inode
 
 MAX_CHANGES = 100_000  # keys whose last change the ledger remembers in memory (for importers' stale listings)
@@ -32,7 +32,7 @@ DATA, META = 1, 2  # dirty flags: content to export, attributes or name to expor
 class ExportLedger:
     """Durable export state on the mount's connection (the trio thread's)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: db.Connection) -> None:
         self.conn = conn
         # In memory: a clock of this mount's writes and deletions in the export prefix, and each key's last one.
         # A listing taken before a change must not decide about that key (lustrefs.sync.importer).
@@ -100,10 +100,13 @@ class ExportLedger:
 
     # ------------------------------------------------------------------------------------- the export
 
-    def dirty_inodes(self) -> list[tuple[int, int]]:
-        """(ino, data_gen) of every live entry that needs exporting."""
+    def dirty_inodes(self, host: str | None = None) -> list[tuple[int, int]]:
+        """(ino, data_gen) of every live entry that needs exporting and whose data is in shared storage or in
+        ``host``'s cache (cluster engine; a hard link's name follows its inode's holder)."""
         return self.conn.execute(
-            "SELECT ino, data_gen FROM inodes WHERE dirty != 0 AND parent != ?", (ORPHAN,)
+            "SELECT i.ino, i.data_gen FROM inodes AS i JOIN inodes AS n ON n.ino = coalesce(i.link_of, i.ino)"
+            " WHERE i.dirty != 0 AND i.parent != ? AND (n.holder IS NULL OR n.holder = ?)",
+            (ORPHAN, host),
         ).fetchall()
 
     def count_dirty(self) -> int:
@@ -168,13 +171,30 @@ class ExportLedger:
             self.conn.execute("UPDATE inodes SET dirty = 0 WHERE ino = ?", (ino,))
         return unchanged
 
+    def staged(self, ino: int, data: tuple[str, str, int] | None, gen: int, replaced: str | None = None) -> None:
+        """Cluster engine: the data of ``ino`` is in shared storage, ``data`` = (staging key, ETag, size), its
+        clean data until its export copies it to its key (dirty turns from DATA to META: the bytes are clean, the
+        object at its key is still to be written); None: it has no data to stage. No host holds it any more.
+        The intent of the staging key goes; ``replaced``, the staging object it had before, is deleted."""
+        if data is not None:
+            key, etag, size = data
+            self._changed(key)
+            self.conn.execute("DELETE FROM export_intents WHERE key = ?", (key,))
+            self.conn.execute(
+                "UPDATE inodes SET key = ?, etag = ?, src_limit = ?, dirty = (dirty & ~?) | ? WHERE ino = ?",
+                (key, etag, size, DATA, META, ino),
+            )
+            if replaced:
+                self.queue_delete(replaced)
+        self.conn.execute("UPDATE inodes SET holder = NULL WHERE ino = ? AND data_gen = ?", (ino, gen))
+
     def relocate(self, ino: int, key: str, etag: str) -> None:
         """The clean data of ``ino`` is the object ``key`` at ``etag`` (a lost copy source, found again)."""
         self.conn.execute("UPDATE inodes SET key = ?, etag = ? WHERE ino = ?", (key, etag, ino))
 
-    def intents(self) -> list[str]:
-        """Keys whose export was in flight when an earlier run stopped."""
-        return [r[0] for r in self.conn.execute("SELECT key FROM export_intents ORDER BY since_ns")]
+    def intents(self) -> list[tuple[str, int]]:
+        """(key, since_ns) of the requests in flight (this run's, another host's, or left by an earlier run)."""
+        return [(r[0], r[1]) for r in self.conn.execute("SELECT key, since_ns FROM export_intents ORDER BY since_ns")]
 
     # ------------------------------------------------------------------------------------- deletions
 
@@ -189,7 +209,11 @@ class ExportLedger:
 
     def queue_delete(self, key: str) -> None:
         self._changed(key)
-        self.conn.execute("INSERT OR REPLACE INTO pending_deletes (key, since_ns) VALUES (?, ?)", (key, time.time_ns()))
+        self.conn.execute(
+            "INSERT INTO pending_deletes (key, since_ns) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET since_ns = excluded.since_ns",
+            (key, time.time_ns()),
+        )
 
     def pending_deletes(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT key FROM pending_deletes ORDER BY since_ns")]

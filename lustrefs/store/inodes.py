@@ -7,12 +7,12 @@ are written by lustrefs.store.exports only.
 
 from __future__ import annotations
 
-import sqlite3
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from lustrefs.constants import ROOT_INODE
+from lustrefs.store import db
 
 ORPHAN = 0  # parent of unlinked inodes still open or known to the kernel
 IMPLIED = ""  # meta_etag of an entry whose attributes need no HEAD (no object, or set locally)
@@ -46,6 +46,7 @@ class Inode:
     import_etag: str | None
     rdev: int
     link_of: int | None
+    holder: str | None
     links: int  # not a column: how many rows name this inode besides its own (its hard links), when read
 
     @property
@@ -70,6 +71,16 @@ _SELECT = f"SELECT {ROW} FROM inodes"
 SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "src_limit"})
 
 
+_INSERTED = (
+    "parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag, src_limit, meta_etag,"
+    " exported_key, import_etag, rdev, link_of"
+)
+
+
+class NameTaken(Exception):
+    """An insert found its name taken: by another host of a cluster, since this one looked."""
+
+
 def _inode(row: Iterable[object] | None) -> Inode | None:
     return None if row is None else Inode(*row)  # type: ignore[arg-type]
 
@@ -77,7 +88,7 @@ def _inode(row: Iterable[object] | None) -> Inode | None:
 class InodeStore:
     """Typed access to ``inodes`` and ``whiteouts`` on one connection."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: db.Connection) -> None:
         self.conn = conn
 
     # ------------------------------------------------------------------------------------- reading
@@ -108,7 +119,7 @@ class InodeStore:
         """Up to ``limit`` entries of ``parent`` above inode ``after``, in inode (listing) order; ``hidden``: a
         name at the root that is not listed."""
         rows = self.conn.execute(
-            f"{_SELECT} WHERE parent = ? AND ino > ? AND ino != ? AND NOT (parent = ? AND name IS ?)"
+            f"{_SELECT} WHERE parent = ? AND ino > ? AND ino != ? AND NOT (parent = ? AND name IS NOT DISTINCT FROM ?)"
             " ORDER BY ino LIMIT ?",
             (parent, after, ROOT_INODE, ROOT_INODE, hidden, limit),
         )
@@ -141,8 +152,15 @@ class InodeStore:
         """Entries whose POSIX metadata has not been read yet."""
         return [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE meta_etag IS NULL")]
 
-    def orphans(self) -> list[int]:
-        return [r[0] for r in self.conn.execute("SELECT ino FROM inodes WHERE parent = ?", (ORPHAN,))]
+    def orphans(self, holder: str | None) -> list[int]:
+        """Unlinked inodes held open by ``holder`` (None: the embedded engine's, which has no other host)."""
+        sql = "SELECT ino FROM inodes WHERE parent = ? AND holder IS NOT DISTINCT FROM ?"
+        return [r[0] for r in self.conn.execute(sql, (ORPHAN, holder))]
+
+    def held(self, holder: str) -> list[int]:
+        """Files whose data not yet in shared storage is in ``holder``'s cache (cluster engine)."""
+        sql = "SELECT ino FROM inodes WHERE holder = ? AND parent != ?"
+        return [r[0] for r in self.conn.execute(sql, (holder, ORPHAN))]
 
     def count_subdirs(self, parent: int) -> int:
         """How many directories ``parent`` holds (a directory's link count is 2 more)."""
@@ -180,15 +198,17 @@ class InodeStore:
         link_of: int | None = None,
     ) -> int:
         """Insert an entry (``link_of``: a new name of that inode); returns its number (never reused)."""
-        cur = self.conn.execute(
-            "INSERT INTO inodes (ino, parent, name, mode, uid, gid, size, mtime_ns, atime_ns, ctime_ns, key, etag,"
-            " src_limit, meta_etag, exported_key, import_etag, rdev, link_of)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ino, parent, name, mode, *owner, size, mtime_ns, mtime_ns, ctime_ns, key, etag, src_limit, meta_etag,
-             exported_key, import_etag, rdev, link_of),
-        )  # fmt: skip
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        values = (parent, name, mode, *owner, size, mtime_ns, mtime_ns, ctime_ns, key, etag, src_limit, meta_etag,
+                  exported_key, import_etag, rdev, link_of)  # fmt: skip
+        columns = _INSERTED if ino is None else "ino, " + _INSERTED
+        row = self.conn.execute(
+            f"INSERT INTO inodes ({columns}) VALUES ({', '.join('?' * (len(values) + (ino is not None)))})"
+            " ON CONFLICT (parent, name) DO NOTHING RETURNING ino",
+            values if ino is None else (ino, *values),
+        ).fetchone()
+        if row is None:  # another host of a cluster created the name first
+            raise NameTaken(parent, name)
+        return row[0]
 
     def delete(self, ino: int) -> None:
         self.conn.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
@@ -196,6 +216,13 @@ class InodeStore:
     def move(self, ino: int, parent: int, name: str) -> None:
         """Give ``ino`` a new place in the tree (``ORPHAN`` and ``#ino``: detached)."""
         self.conn.execute("UPDATE inodes SET parent = ?, name = ? WHERE ino = ?", (parent, name, ino))
+
+    def set_holder(self, ino: int, holder: str | None) -> None:
+        self.conn.execute("UPDATE inodes SET holder = ? WHERE ino = ?", (holder, ino))
+
+    def relist(self, ino: int, key: str) -> None:
+        """A directory is listed again from S3 at ``key`` (an association now links it)."""
+        self.conn.execute("UPDATE inodes SET listed = 0, key = ? WHERE ino = ?", (key, ino))
 
     def set_listed(self, ino: int) -> None:
         self.conn.execute("UPDATE inodes SET listed = 1 WHERE ino = ?", (ino,))
@@ -226,8 +253,9 @@ class InodeStore:
     def wrote(self, ino: int, end: int, now_ns: int) -> None:
         """Data was written up to ``end``: size, mtime, ctime and the change counter (of every name's export)."""
         self.conn.execute(
-            "UPDATE inodes SET size = max(size, ?), mtime_ns = ?, ctime_ns = ?, data_gen = data_gen + 1 WHERE ino = ?",
-            (end, now_ns, now_ns, ino),
+            "UPDATE inodes SET size = CASE WHEN size > ? THEN size ELSE ? END, mtime_ns = ?, ctime_ns = ?,"
+            " data_gen = data_gen + 1 WHERE ino = ?",
+            (end, end, now_ns, now_ns, ino),
         )
         self.conn.execute("UPDATE inodes SET data_gen = data_gen + 1 WHERE link_of = ?", (ino,))
 
@@ -286,10 +314,13 @@ class InodeStore:
 
     def whiteout(self, parent: int, name: str) -> None:
         """``name`` was removed or renamed away locally: the importer does not bring its object back."""
-        self.conn.execute("INSERT OR IGNORE INTO whiteouts (parent, name) VALUES (?, ?)", (parent, name))
+        self.conn.execute("INSERT INTO whiteouts (parent, name) VALUES (?, ?) ON CONFLICT DO NOTHING", (parent, name))
 
     def drop_whiteout(self, parent: int, name: str) -> None:
         self.conn.execute("DELETE FROM whiteouts WHERE parent = ? AND name = ?", (parent, name))
+
+    def drop_whiteouts(self, parent: int) -> None:
+        self.conn.execute("DELETE FROM whiteouts WHERE parent = ?", (parent,))
 
     def whiteouts(self, parent: int) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT name FROM whiteouts WHERE parent = ?", (parent,))}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from lustrefs.errors import NoEntry
 from lustrefs.events import EventLog
 from lustrefs.metadata import to_user_metadata
 from lustrefs.s3.repository import MAX_DELETE_BATCH, AccessDenied, NotFound, ObjectStore, RepositoryError
+from lustrefs.s3.routing import OUTSIDE
 from lustrefs.store import db
 from lustrefs.store.exports import DATA, ORPHAN
 from lustrefs.store.inodes import Inode
@@ -46,6 +48,12 @@ MAX_BACKOFF = 60.0  # seconds between retries of an entry whose export keeps fai
 FLUSH_RETRY = 1.0  # at unmount, failed entries are retried at least this often
 DELETE_BACKOFF = 5.0  # seconds deletions pause after one failed
 KEY_WAIT = 60.0  # seconds an export waits for its key to be free (requests are bounded by io_timeout)
+
+
+STAGING_GRACE = 600.0  # seconds after which a staging upload's intent is another host's crash, recovered
+STAGING_SCAN = 60.0  # seconds between the leader's looks for such intents
+LEADER_WAIT = 120.0  # seconds an explicit export on a cluster host waits for the leader's
+LEADER_POLL = 0.05  # seconds between looks at the rows meanwhile
 
 
 def backoff(failures: int) -> float:
@@ -79,8 +87,11 @@ class _State:
     given_up: dict[int, int] = field(default_factory=dict)  # ino -> data_gen it cannot be exported at
     writers: dict[int, int] = field(default_factory=dict)  # ino -> handles open for writing
     busy: dict[str, trio.Event] = field(default_factory=dict)  # key -> set when its request (or recovery) ends
-    stale: set[str] = field(default_factory=set)  # intents of an earlier run, not recovered yet (busy meanwhile)
+    # intents whose multipart uploads may still be open (left by an earlier run, or an abort that failed), not
+    # recovered yet: busy meanwhile
+    stale: set[str] = field(default_factory=set)
     release_at: dict[int, float] = field(default_factory=dict)  # ino -> monotonic time its upload may complete
+    requested: set[int] = field(default_factory=set)  # cluster leader: explicit exports other hosts asked for
 
 
 @dataclass(frozen=True)
@@ -106,12 +117,19 @@ class Writeback:
         repo: ObjectStore,
         events: EventLog,
         target: ExportTarget,
-        policy: Callable[[], frozenset[str]] = lambda: frozenset(EVENTS),
+        policy: Callable[[str], frozenset[str] | None] = lambda key: frozenset(EVENTS),
         delay: float = 3.0,
         upload_part: int = 8 * 1024 * 1024,
         parallel_files: int = 4,
+        staging_prefix: str | None = None,
+        leads: Callable[[], bool] = lambda: True,
+        ask_leader: Callable[[int], None] = lambda ino: None,
     ) -> None:
         self.ns = ns
+        self.host = ns.host
+        self.staging_prefix = staging_prefix  # cluster engine: where closed files' data waits for its export
+        self.leads = leads  # whether this host runs the exports (always, embedded)
+        self.ask_leader = ask_leader  # cluster engine: ask the leader for an explicit export of a name
         self.ledger = ns.exports
         self.cache = cache
         self.repo = repo
@@ -125,6 +143,7 @@ class Writeback:
         self._finished = trio.Event()  # set (and replaced) whenever an export ends
         self._files = trio.CapacityLimiter(parallel_files)
         self._delete_backoff = 0.0
+        self._next_scan = 0.0  # when the leader looks for stale staging intents again
         self._unmounting = trio.Event()  # set by flush: uploads held back until their export is due complete now
 
     # ----------------------------------------------------------------------------------------- scheduling
@@ -175,14 +194,13 @@ class Writeback:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Export what is due until cancelled; at start, everything left dirty or in flight by a previous run."""
-        for ino, _ in self.ledger.dirty_inodes():
+        for ino, _ in self.ledger.dirty_inodes(self.host):
             self.s.due[ino] = time.monotonic()
-        self.s.stale = set(self.ledger.intents())
-        for key in self.s.stale:  # busy until recovered: no export or deletion of the key meanwhile
-            self.s.busy[key] = trio.Event()
+        self._adopt_intents(first=True)
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
+                self._adopt_intents()
                 await self._recover_intents()
                 await self._delete_pending()
                 now = time.monotonic()
@@ -190,7 +208,11 @@ class Writeback:
                     del self.s.due[ino]
                     self.s.running.add(ino)
                     nursery.start_soon(self._export_one, ino)
+                while self.s.requested:
+                    nursery.start_soon(self.export_now, self.s.requested.pop())
                 wait = min(self.s.due.values(), default=math.inf) - now
+                if self.staging_prefix is not None:
+                    wait = min(wait, self._next_scan - now)
                 if self.s.stale or self.ledger.any_pending_delete():
                     wait = min(wait, max(self._delete_backoff - now, 0.05))
                 with trio.move_on_after(max(wait, 0.0) if wait != math.inf else math.inf):
@@ -223,7 +245,7 @@ class Writeback:
 
     def _left(self) -> list[int]:
         """Dirty entries not refused at their current version (0 stands for deletions still to do)."""
-        left = [ino for ino, gen in self.ledger.dirty_inodes() if self.s.given_up.get(ino) != gen]
+        left = [ino for ino, gen in self.ledger.dirty_inodes(self.host) if self.s.given_up.get(ino) != gen]
         if self.s.stale or self.ledger.any_pending_delete():
             left.append(0)
         return left
@@ -264,16 +286,103 @@ class Writeback:
             self.s.release_at.pop(ino, None)
             self._one_finished()
 
+    async def stage(self, ino: int) -> None:
+        """Cluster engine, at a close or fsync: put the data of file ``ino`` that only this host's cache holds
+        into shared storage (a staging object), so that a host opening it next reads it; its export then copies
+        that object to its key. A file changed during the upload stays held (the next close stages it)."""
+        row = self.ns.find(ino)
+        if self.staging_prefix is None or row is None or row.holder != self.host or row.is_orphan:
+            return
+        gen = row.data_gen
+        if not stat.S_ISREG(row.mode) or not row.dirty & DATA:
+            with db.transaction(self.ns.conn):
+                self.ledger.staged(ino, None, gen)
+            return
+        key = f"{self.staging_prefix}{ino}-{gen}-{secrets.token_hex(4)}"
+        source = ObjectVersion(ino, row.key, row.etag, row.src_limit) if row.etag else None
+        data = FileData(ino, row.size, source, True)
+
+        def unchanged() -> bool:
+            current = self.ns.find(ino)
+            return current is not None and current.data_gen == gen
+
+        with db.transaction(self.ns.conn):
+            self.ledger.begin(ino, key)
+        etag, done = None, False
+        try:
+            etag = await self._put_data(ino, key, data, {}, False, unchanged)
+        finally:
+            with db.transaction(self.ns.conn):
+                if etag is not None and unchanged():
+                    self.ledger.staged(ino, (key, etag, row.size), gen, source.key if self._staging(source) else None)
+                    done = True
+                elif key not in self.s.stale:  # failed, or changed meanwhile: the object is deleted
+                    self.ledger.abandon(key)  # (an upload that could not be aborted: its intent stays)
+        if done:
+            self.cache.adopt(ino, source, ObjectVersion(ino, key, etag, row.size))
+            for name in self.ns.names(ino):
+                self.schedule(name, self.delay)
+        self._wake.set()
+
+    @property
+    def stages(self) -> bool:
+        """Whether closes put data in shared storage (the cluster engine)."""
+        return self.staging_prefix is not None
+
+    def _staging(self, source: ObjectVersion | None) -> bool:
+        """Whether ``source`` is a staging object (cluster engine)."""
+        return source is not None and self.staging_prefix is not None and source.key.startswith(self.staging_prefix)
+
+    async def stage_held(self) -> list[tuple[str, str]]:
+        """Stage every file this host holds (at unmount); returns (path, reason) of those that failed."""
+        left = []
+        for ino in self.ns.inodes.held(self.host) if self.host is not None else []:
+            try:
+                await self.stage(ino)
+            except (RepositoryError, OSError) as exc:
+                left.append((self._path(ino), f"not staged: {exc}"))
+        return left
+
+    def request(self, ino: int) -> None:
+        """Cluster leader: another host asks for the explicit export of name ``ino`` (its HSM command or task)."""
+        self.s.requested.add(ino)
+        self._wake.set()
+
     async def export_now(self, ino: int, attempts: int = 5) -> Failure | None:
         """Export inode ``ino`` now under each of its names (a name's row: that name), whatever the policy
-        (hsm_archive, export tasks); None once they are clean."""
+        (hsm_archive, export tasks); None once they are clean. A cluster host that does not lead stages the file
+        and has the leader export it."""
         row = self.ns.find(ino)
         if row is not None and row.node in self.s.writers:
             return Failure("ResourceBusy", "the file is open for writing; it is exported once it is closed")
+        if not self.leads():
+            return await self._export_by_leader(ino)
         for name in self.ns.names(ino):
             if failure := await self._export_name_now(name, attempts):
                 return failure
         return None
+
+    async def deletions_done(self, prefix: str) -> bool:
+        """Whether no deletion is queued under key ``prefix`` any more (if some are, the exporter is woken and
+        given a moment)."""
+        if not any(key.startswith(prefix) for key in self.ledger.pending_deletes()):
+            return True
+        self._wake.set()
+        await trio.sleep(LEADER_POLL)
+        return False
+
+    async def _export_by_leader(self, ino: int) -> Failure | None:
+        """Stage ``ino`` if this host holds its data, ask the leader to export each of its names, and wait until
+        they are clean (at most LEADER_WAIT seconds)."""
+        await self.stage(ino)
+        names = self.ns.names(ino)
+        for name in names:
+            self.ask_leader(name)
+        with trio.move_on_after(LEADER_WAIT):
+            while any((r := self.ns.find(name)) is not None and r.dirty and not r.is_orphan for name in names):
+                await trio.sleep(LEADER_POLL)
+            return None
+        return Failure("ResourceBusy", f"the cluster's leader did not export it within {LEADER_WAIT:.0f} s")
 
     async def _export_name_now(self, ino: int, attempts: int) -> Failure | None:
         for _ in range(attempts):
@@ -328,6 +437,8 @@ class Writeback:
             row = self.ns.get(ino)
             if row.dirty == 0 or row.parent == ORPHAN:
                 return
+            if not explicit and self.s.due.get(ino, 0.0) > time.monotonic():
+                return  # due again later since this export was started (closed meanwhile: the delay counts anew)
             if ino == ROOT_INODE:
                 with db.transaction(self.ns.conn):
                     self.ledger.mark_clean(ino)
@@ -336,6 +447,8 @@ class Writeback:
                 self.s.due[ino] = math.inf  # exported when closed
                 return
             node = row if row.link_of is None else self.ns.get(row.link_of)  # a hard link's data and attributes
+            if node.holder not in (None, self.host):
+                return  # its data is in another host's cache: that host's close stages it (a change follows)
             is_dir = stat.S_ISDIR(row.mode)
             desired = self.target.key(self.ns.path_key(ino), is_dir)
             if self.s.given_up.get(ino) == row.data_gen and not explicit:
@@ -344,7 +457,8 @@ class Writeback:
                 code, message = problem
                 self.s.given_up[ino] = row.data_gen
                 self.s.errors[ino] = f"{code}: {message}"
-                self.events.emit("ERROR", code, message, path="/" + desired[len(self.target.base) :])
+                level = "WARN" if code == OUTSIDE else "ERROR"
+                self.events.emit(level, code, message, path="/" + desired[len(self.target.base) :])
                 return
             if desired in self.s.busy:
                 with trio.move_on_after(KEY_WAIT):
@@ -378,28 +492,35 @@ class Writeback:
                 etag, source = await self._copy(r.ino, source, desired, meta)  # unchanged data: server-side
             else:
                 data = FileData(r.ino, r.size, source, bool(r.dirty & DATA))
-                if r.size <= self.upload_part:
-                    etag = await self.repo.put(desired, await self.cache.read_bytes(data, 0, r.size), meta)
-                else:
-                    etag = await self._multipart(ino, gen, desired, data, meta, hold)
+                etag = await self._put_data(ino, desired, data, meta, hold, lambda: self._still(ino, gen, desired))
         finally:
-            if etag is None:  # failed, or superseded while held back
+            if etag is None and desired not in self.s.stale:  # failed, or superseded while held back
                 with db.transaction(self.ns.conn):
                     self.ledger.abandon(desired)  # the object may exist: deleted unless the tree names it
             del self.s.busy[desired]
+            if desired in self.s.stale:  # its upload could not be aborted: the intent stays, recovered later
+                self.s.busy[desired] = trio.Event()
             done.set()
         if etag is None:  # the entry changed, moved or was reopened meanwhile: decide again
             self.s.due.setdefault(ino, time.monotonic())
             return
         self._exported(ino, gen, desired, etag, source, r.size, not is_file)
 
+    async def _put_data(
+        self, ino: int, key: str, data: FileData, meta: dict[str, str], hold: bool, still: Callable[[], bool]
+    ) -> str | None:
+        """Write a file's ``data`` to ``key``: one PUT, or a multipart upload beyond one part."""
+        if data.size <= self.upload_part:
+            return await self.repo.put(key, await self.cache.read_bytes(data, 0, data.size), meta)
+        return await self._multipart(ino, key, data, meta, hold, still)
+
     async def _multipart(
-        self, ino: int, gen: int, key: str, data: FileData, meta: dict[str, str], hold: bool
+        self, ino: int, key: str, data: FileData, meta: dict[str, str], hold: bool, still: Callable[[], bool]
     ) -> str | None:
         """Upload ``data`` to ``key`` in parts (several in flight), then complete the upload once the name's
         export is due (``release_at``: the parts go out from the close on, the object appears after the delay).
-        Returns the new ETag, or None if the entry changed, moved or was reopened for writing meanwhile: the
-        upload is then aborted and never completed, as on any failure."""
+        Returns the new ETag, or None if ``still`` says the entry changed, moved or was reopened for writing
+        meanwhile: the upload is then aborted and never completed, as on any failure."""
         upload_id = await self.repo.start_upload(key, meta)
         etag = None
         try:
@@ -411,15 +532,16 @@ class Writeback:
             if hold:
                 with trio.move_on_at(trio.current_time() + self.s.release_at.get(ino, 0.0) - time.monotonic()):
                     await self._unmounting.wait()
-            if self._still(ino, gen, key):
+            if still():
                 etag = await self.repo.complete_upload(key, upload_id, etags)
         finally:
             if etag is None:
                 with trio.CancelScope(shield=True):
                     try:
                         await self.repo.abort_upload(key, upload_id)
-                    except RepositoryError as exc:  # left to the bucket's lifecycle rules; logged
+                    except RepositoryError as exc:  # aborted again by the recovery of intents (or the next start)
                         log.warning("could not abort the upload to %s: %s", key, exc)
+                        self.s.stale.add(key)
         return etag
 
     async def _upload_part(
@@ -498,8 +620,11 @@ class Writeback:
             return "PathSizeTooLong", f"The key {desired[:80]}… is longer than {MAX_KEY_BYTES} bytes; not exported."
         if size > MAX_FILE_SIZE:
             return "FileSizeTooLarge", f"{desired} is larger than 5 TiB; not exported."
+        events = self.policy(desired)
+        if events is None:
+            return OUTSIDE, f"{desired}: in no data repository association; not exported."
         event = "NEW" if old_key is None else "CHANGED"
-        if not explicit and event not in self.policy():
+        if not explicit and event not in events:
             return "ExportSkippedByPolicy", f"{desired}: {event} events are not exported (AutoExportPolicy)."
         return None
 
@@ -519,6 +644,9 @@ class Writeback:
                 self._wake.set()
                 return
             clean = self.ledger.record(ino, key, gen, None if no_data else (etag, size), self.target.base == "")
+            if not no_data and row.link_of is None and self._staging(source):
+                assert source is not None
+                self.ledger.queue_delete(source.key)  # copied to its key: the staging object has done its work
         self._wake.set()  # the old key may be queued for deletion
         if not clean:
             self.s.due.setdefault(ino, time.monotonic() + (0 if row.node not in self.s.writers else math.inf))
@@ -539,9 +667,24 @@ class Writeback:
 
     # ----------------------------------------------------------------------------------------- deletions
 
+    def _adopt_intents(self, first: bool = False) -> None:
+        """The intents this run recovers: at its start, those left by an earlier run; in a cluster, a staging
+        intent once it is STAGING_GRACE old (until then the host that wrote it may still be uploading: checked
+        every STAGING_SCAN seconds). Each is busy until recovered: no export or deletion of its key meanwhile."""
+        now = time.monotonic()
+        if not first and (self.staging_prefix is None or now < self._next_scan):
+            return
+        self._next_scan = now + STAGING_SCAN
+        oldest = time.time_ns() - int(STAGING_GRACE * 1e9)
+        for key, since_ns in self.ledger.intents():
+            staged = self.staging_prefix is not None and key.startswith(self.staging_prefix)
+            if key not in self.s.busy and ((first and not staged) or (staged and since_ns < oldest)):
+                self.s.stale.add(key)
+                self.s.busy[key] = trio.Event()
+
     async def _recover_intents(self) -> None:
-        """Keys an earlier run was writing when it stopped: abort their multipart uploads, then treat them as
-        failed exports (deleted unless a live entry is exported there)."""
+        """Keys an earlier run was writing when it stopped, or whose upload could not be aborted: abort their
+        multipart uploads, then treat them as failed exports (deleted unless a live entry is exported there)."""
         if not self.s.stale or (self._delete_backoff and time.monotonic() < self._delete_backoff):
             return
         for key in sorted(self.s.stale):
@@ -556,20 +699,20 @@ class Writeback:
             with db.transaction(self.ns.conn):
                 self.ledger.abandon(key)
             self.s.stale.discard(key)
-            self.s.busy.pop(key).set()
+            if (done := self.s.busy.pop(key, None)) is not None:  # None: a key no export waits for
+                done.set()
 
     async def _delete_pending(self) -> None:
         """Delete the objects of removed entries, unless a live entry has been exported to the same key; up to
         MAX_DELETE_BATCH keys per request."""
         if self._delete_backoff and time.monotonic() < self._delete_backoff:
             return
-        pending = self.ledger.pending_deletes()
-        allowed = bool(pending) and "DELETED" in self.policy()  # the record is read once, not once per key
         todo = []
-        for key in pending:
+        for key in self.ledger.pending_deletes():
             if key in self.s.busy:
                 continue  # a request writes it, or a recovery: the outcome decides
-            if not allowed or self.ledger.live(key):
+            staged = self.staging_prefix is not None and key.startswith(self.staging_prefix)  # not the policy's
+            if not (staged or "DELETED" in (self.policy(key) or ())) or self.ledger.live(key):
                 with db.transaction(self.ns.conn):
                     self.ledger.deleted(key)
             else:

@@ -31,19 +31,19 @@ from typing import Any
 import pyfuse3
 import trio
 
-from lustrefs import paths
+from lustrefs import associations, paths
 from lustrefs.constants import ROOT_INODE
 from lustrefs.data.cache import Cache, first_error
 from lustrefs.errors import FsxError
 from lustrefs.events import EventLog
 from lustrefs.s3.repository import AccessDenied, NotFound, ObjectInfo, ObjectStore, Unavailable
 from lustrefs.store import db
+from lustrefs.sync.s3events import S3Event
 from lustrefs.tree import listing
 from lustrefs.tree.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("NONE", "NEW", "NEW_CHANGED", "NEW_CHANGED_DELETED")
 
 
 @dataclass
@@ -88,6 +88,15 @@ class Notifier:
                     log.warning("kernel invalidation of %s %r failed: %s", ino, name, exc)
 
 
+# The legacy AutoImportPolicy values as the event lists of associations.
+LEGACY_EVENTS = {
+    "NONE": frozenset(),
+    "NEW": frozenset({"NEW"}),
+    "NEW_CHANGED": frozenset({"NEW", "CHANGED"}),
+    "NEW_CHANGED_DELETED": frozenset({"NEW", "CHANGED", "DELETED"}),
+}
+
+
 class Importer:
     """Polls S3 and applies the file system's AutoImportPolicy (re-read from its record at every poll)."""
 
@@ -98,10 +107,11 @@ class Importer:
         repo: ObjectStore,
         events: EventLog,
         notifier: Notifier,
-        policy: Callable[[], str],
+        policy: Callable[[str | None], frozenset[str]],
         state_file: Path,
         interval: float = 60.0,
         parallel: int = 8,
+        locate: Callable[[str, str], str | None] = lambda bucket, key: key,
     ) -> None:
         self.ns = ns
         self.cache = cache
@@ -109,6 +119,7 @@ class Importer:
         self.events = events
         self.notifier = notifier
         self.policy = policy
+        self.locate = locate  # (bucket, key) of an S3 event -> the key this file system shows it at (or None)
         self.state_file = state_file
         self.interval = interval
         self._limiter = trio.CapacityLimiter(parallel)
@@ -126,7 +137,7 @@ class Importer:
         task_status.started()
         while True:
             await trio.sleep(self.interval)
-            if self.policy() != "NONE":
+            if self.policy(None):
                 await self.poll()
             self.cycles += 1
 
@@ -156,21 +167,20 @@ class Importer:
 
     # ----------------------------------------------------------------------------------------- polling
 
-    async def poll(self, dir_inos: list[int] | None = None, policy: str | None = None) -> PollResult:
+    async def poll(self, dir_inos: list[int] | None = None, events: frozenset[str] | None = None) -> PollResult:
         """Re-list the loaded directories (or those given, and the loaded ones below them) and apply changes.
 
-        ``policy`` overrides the file system's AutoImportPolicy (an import task imports new and changed objects
-        whatever the policy, as FSx's IMPORT_METADATA_FROM_REPOSITORY does).
+        ``events`` override the import policy (an import task imports new and changed objects whatever the
+        policy, as FSx's IMPORT_METADATA_FROM_REPOSITORY does).
         """
         async with self._lock:
             started = time.monotonic()
             result = PollResult()
-            policy = policy or self.policy()
             dirs = self._loaded_dirs(dir_inos)
             try:
                 async with trio.open_nursery() as nursery:
                     for ino in dirs:
-                        nursery.start_soon(self._poll_dir, ino, policy, result)
+                        nursery.start_soon(self._poll_dir, ino, events, result)
             except BaseExceptionGroup as group:
                 err = first_error(group)
                 if isinstance(err, AccessDenied | NotFound):
@@ -202,14 +212,15 @@ class Importer:
             todo += children.get(ino, [])
         return out
 
-    async def _poll_dir(self, ino: int, policy: str, result: PollResult) -> None:
+    async def _poll_dir(self, ino: int, events: frozenset[str] | None, result: PollResult) -> None:
         async with self._limiter:
             try:
                 dir_key = self.ns.path_key(ino) + "/" if ino != ROOT_INODE else ""
             except Exception:  # moved away or removed meanwhile
                 return
+            events = self.policy(dir_key) if events is None else events
             spec = paths.listing_for(dir_key, self.ns.import_prefix)
-            if spec is None or spec.only_child is not None:
+            if not events or spec is None or spec.only_child is not None:
                 return
             since = self.ns.exports.clock  # changes of this mount after this are newer than the listing
             dirs: set[str] = set()
@@ -221,7 +232,7 @@ class Importer:
 
             # Keys that are no POSIX names were reported when the directory was first listed.
             result.requests += await listing.each_page(self.repo, spec, collect, on_skip=lambda key, why: None)
-            self._apply(ino, dir_key, dirs, files, policy, result, since)
+            self._apply(ino, dir_key, dirs, files, events, result, since)
 
     def _apply(
         self,
@@ -229,18 +240,20 @@ class Importer:
         dir_key: str,
         dirs: set[str],
         files: dict[str, ObjectInfo],
-        policy: str,
+        events: frozenset[str],
         result: PollResult,
         since: int,
+        only: set[str] | None = None,
     ) -> None:
-        """Apply one directory's listing to SQLite, as the policy allows (in one transaction)."""
+        """Apply one directory's listing to SQLite, as the import ``events`` allow (in one transaction);
+        ``only``: the listing is that of these names (an S3 event's), not of the whole directory."""
         conn, inodes = self.ns.conn, self.ns.inodes
         row = inodes.find(parent)
         if row is None or row.is_orphan:
             return
         listed = bool(row.listed)  # a directory known only through lookups gets its new names when it is listed
-        local = {r.name: r for r in inodes.children(parent)}
-        whiteouts = inodes.whiteouts(parent)
+        local = {r.name: r for r in inodes.children(parent) if only is None or r.name in only}
+        whiteouts = inodes.whiteouts(parent) if only is None else inodes.whiteouts(parent) & only
         files = {n: o for n, o in files.items() if n not in dirs}  # a directory wins over a file
         # This mount's own objects are no imports: those it is writing or deleting, and those it wrote or deleted
         # since the listing began (the listing may predate the change). Unknown history: nothing is decided.
@@ -254,21 +267,19 @@ class Importer:
         with db.transaction(conn):
             for name in whiteouts - dirs - files.keys():  # gone from S3 too: forget the whiteout
                 inodes.drop_whiteout(parent, name)
-            if policy == "NONE":
-                return
-            for name in (dirs | files.keys()) - local.keys() - whiteouts if listed else ():
+            for name in (dirs | files.keys()) - local.keys() - whiteouts if listed and "NEW" in events else ():
                 if name in dirs:
                     self.ns.loader.add_imported_dir(parent, name, dir_key + name + "/")
                 else:
                     self.ns.loader.add_imported_file(parent, name, files[name])
                 self.notifier.entry(parent, name)  # the kernel may hold a negative entry
                 result.new += 1
-            if policy in ("NEW_CHANGED", "NEW_CHANGED_DELETED"):
+            if "CHANGED" in events:
                 for name, obj in files.items():
                     row = settled.get(name)
                     if row is not None and stat.S_ISREG(row.mode):
                         self._changed(row, obj, result)
-            if policy == "NEW_CHANGED_DELETED":
+            if "DELETED" in events:
                 for name, row in settled.items():
                     if name not in dirs and name not in files and row.import_etag is not None:
                         self._deleted(row, result)
@@ -310,21 +321,58 @@ class Importer:
         self.notifier.entry(row.parent, row.name)
         result.deleted += 1
 
+    # ----------------------------------------------------------------------------------------- S3 events
+
+    async def apply_events(self, events: list[S3Event]) -> None:
+        """Apply S3 event notifications (lustrefs.sync.s3events: in order per key, duplicates dropped) as the
+        import policy allows; an event of a key this file system does not show is ignored. The poll stays the
+        safety net: a lost event costs one poll interval."""
+        async with self._lock:
+            for event in events:
+                key = self.locate(event.bucket, event.key)
+                if key is not None and not key.endswith("/"):
+                    info = None
+                    if event.kind == "created":
+                        mtime = int(event.time.timestamp() * 1e9)
+                        info = ObjectInfo(key, event.size or 0, event.etag or "", mtime)
+                    self._object_event(key, info, PollResult())
+
+    def _object_event(self, key: str, info: ObjectInfo | None, result: PollResult) -> None:
+        """One object created (``info``) or removed (None) at ``key``: the directories the tree has loaded on
+        its way learn of it as a listing of that one name would tell them."""
+        parent, dir_key = ROOT_INODE, ""
+        *dirs, name = key.split("/")
+        since = self.ns.exports.clock
+        for part in dirs:
+            row = self.ns.inodes.child(parent, part)
+            if row is None or not row.is_dir:  # a new directory on the way down (an object appears in it)
+                if info is not None:
+                    self._apply(parent, dir_key, {part}, {}, self.policy(dir_key), result, since, only={part})
+                    self.notifier.entry(parent, part)  # a directory only looked up in: its negative entry goes
+                return
+            parent, dir_key = row.ino, dir_key + part + "/"
+        files = {name: info} if info is not None else {}
+        self._apply(parent, dir_key, set(), files, self.policy(dir_key), result, since, only={name})
+        self.notifier.entry(parent, name)
+
     def closed(self, ino: int) -> None:
         """The last handle of ``ino`` closed: drop data of versions replaced by an import meanwhile."""
         for etag in self.stale.pop(ino, ()):
             self.cache.drop_version(ino, etag)
 
 
-def read_policy(load_record: Callable[[], dict[str, Any]]) -> Callable[[], str]:
-    """A function returning the current AutoImportPolicy (the record may be updated while mounted)."""
+def read_policy(load_record: Callable[[], dict[str, Any]]) -> Callable[[str | None], frozenset[str]]:
+    """The import events of a directory (None: of any directory) as the file system's record says now: its
+    legacy AutoImportPolicy for every directory, or the events of the association holding the directory."""
 
-    def policy() -> str:
+    def policy(dir_key: str | None) -> frozenset[str]:
         try:
-            conf = load_record()["LustreConfiguration"]["DataRepositoryConfiguration"]
-        except (KeyError, OSError, ValueError, FsxError):
-            return "NONE"
-        value = conf.get("AutoImportPolicy") or "NONE"
-        return value if value in POLICIES else "NONE"
+            record = load_record()
+        except (OSError, ValueError, FsxError):
+            return frozenset()
+        if record.get("_Associations") is not None:
+            return associations.Associations.live(associations.from_record(record)).import_events(dir_key)
+        conf = record.get("LustreConfiguration", {}).get("DataRepositoryConfiguration") or {}
+        return LEGACY_EVENTS.get(conf.get("AutoImportPolicy") or "NONE", frozenset())
 
     return policy

@@ -29,7 +29,7 @@ from lustrefs.events import EventLog
 from lustrefs.s3.repository import NotFound, ObjectInfo, ObjectStore, RepositoryError
 from lustrefs.store import db
 from lustrefs.store.exports import DATA
-from lustrefs.store.inodes import IMPLIED, Inode, InodeStore
+from lustrefs.store.inodes import IMPLIED, Inode, InodeStore, NameTaken
 from lustrefs.tree import listing
 from lustrefs.tree.heads import MetadataLoader
 
@@ -110,7 +110,10 @@ class TreeLoader:
 
     def _ensure_root(self) -> None:
         if self.inodes.find(ROOT_INODE) is None:
-            self.insert(ROOT_INODE, "", stat.S_IFDIR | self.defaults.dir_mode, "", meta_etag=IMPLIED, ino=ROOT_INODE)
+            with contextlib.suppress(NameTaken):  # another host of the cluster made it meanwhile
+                self.insert(
+                    ROOT_INODE, "", stat.S_IFDIR | self.defaults.dir_mode, "", meta_etag=IMPLIED, ino=ROOT_INODE
+                )
 
     def insert(
         self,
@@ -320,7 +323,6 @@ class TreeLoader:
         meta = None if self.posix_metadata else obj.etag
         self.inodes.reimport(ino, obj.key, obj.etag, obj.size, obj.mtime_ns, time.time_ns(), meta)
         self.meta.queue(ino)
-
 
     def _get(self, ino: int) -> Inode:
         row = self.inodes.find(ino)

@@ -10,14 +10,14 @@ HEADed once. All state lives in SQLite; the in-memory maps hold only work in pro
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
-import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -28,7 +28,7 @@ from lustrefs.events import EventLog
 from lustrefs.s3.repository import ObjectStore
 from lustrefs.store import db
 from lustrefs.store.exports import DATA, META, ExportLedger
-from lustrefs.store.inodes import IMPLIED, ORPHAN, Inode, InodeStore
+from lustrefs.store.inodes import IMPLIED, ORPHAN, Inode, InodeStore, NameTaken
 from lustrefs.tree.heads import MetadataLoader
 from lustrefs.tree.loader import Defaults, TreeLoader
 
@@ -42,7 +42,7 @@ class Namespace:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: db.Connection,
         repo: ObjectStore,
         events: EventLog,
         import_prefix: str,
@@ -55,8 +55,10 @@ class Namespace:
         on_purge: Callable[[int], None] = lambda ino: None,
         on_change: Callable[[int, float], None] = lambda ino, delay: None,
         on_closed: Callable[[int], None] = lambda ino: None,
+        host: str | None = None,
     ) -> None:
         self.conn = conn
+        self.host = host  # cluster engine: this host's name in the shared tables (``holder``); None embedded
         self.inodes = InodeStore(conn)  # the tree's table: every read and write of it goes through the store
         self.exports = ExportLedger(conn)  # the export state of entries is written there, nowhere else
         self.meta = MetadataLoader(self.inodes, repo, events, posix_metadata, head_workers, devices)
@@ -202,13 +204,13 @@ class Namespace:
         if ino in self.lookup_counts or ino in self.open_counts:
             return
         row = self.inodes.find(ino)
-        if row is not None and row.is_orphan:
+        if row is not None and row.is_orphan and row.holder == self.host:  # not another host's open file
             self.inodes.delete(ino)
             self.on_purge(ino)
 
     def purge_orphans(self) -> None:
-        """At start-up: inodes unlinked while open in a previous run are gone for good."""
-        for ino in self.inodes.orphans():
+        """At start-up: inodes unlinked while open in a previous run (of this host) are gone for good."""
+        for ino in self.inodes.orphans(self.host):
             self._purge_if_unused(ino)
 
     # ----------------------------------------------------------------------------------------- listing
@@ -249,7 +251,7 @@ class Namespace:
             gid = dir_row.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        with db.transaction(self.conn):
+        with db.transaction(self.conn), _taken_is_eexist(name):
             ino = self.loader.insert(
                 parent,
                 name,
@@ -310,6 +312,7 @@ class Namespace:
         links = self.inodes.links(row.ino)
         if not links:
             self.inodes.move(row.ino, ORPHAN, f"#{row.ino}")
+            self.inodes.set_holder(row.ino, self.host)  # its data stays while this host holds it open
             return
         heir = links[0]
         self.inodes.delete(heir.ino)
@@ -331,7 +334,7 @@ class Namespace:
             raise FileExistsError(new_name)
         if self.nlink(row) >= LINK_MAX:
             raise OSError(errno.EMLINK, new_name)
-        with db.transaction(self.conn):
+        with db.transaction(self.conn), _taken_is_eexist(new_name):
             name = self.inodes.insert(
                 parent=new_parent, name=new_name, mode=row.mode, owner=(row.uid, row.gid), key="", size=0,
                 mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns, etag=None, src_limit=0, meta_etag=IMPLIED,
@@ -420,11 +423,13 @@ class Namespace:
         return self.get(ino)
 
     def writing(self, ino: int) -> None:
-        """Data is about to be written: the file is dirty (its local parts authoritative) from now on."""
+        """Data is about to be written: the file is dirty (its local parts authoritative) from now on, and in a
+        cluster held by this host (its data is in this host's cache until the close puts it in shared storage)."""
         row = self.inodes.find(ino)
-        if row is not None and not row.dirty & DATA:
+        if row is not None and (not row.dirty & DATA or row.holder != self.host):
             with db.transaction(self.conn):
                 self.mark_dirty(ino, DATA, delay=math.inf)
+                self.inodes.set_holder(ino, self.host)
 
     def wrote(self, ino: int, end: int) -> None:
         """Data was written up to ``end``: size and mtime (the export follows the last close)."""
@@ -448,6 +453,65 @@ class Namespace:
         self._remove_name(row, in_s3=False)
         self._purge_if_unused(row.node)
 
+    def link_directory(self, root: str) -> int:
+        """An association's directory (virtual key ``root``, 'a/b/'): made with its parents if missing, as
+        directories of S3 (listed lazily from the association's prefix); one that exists is listed again from S3
+        (its local entries stay). Returns its inode."""
+        ino = ROOT_INODE
+        with db.transaction(self.conn):
+            key = ""
+            for name in filter(None, root.split("/")):
+                key += name + "/"
+                row = self._child(ino, name)
+                if row is None:
+                    self.loader.add_imported_dir(ino, name, key)
+                    row = self._child(ino, name)
+                    assert row is not None
+                elif not row.is_dir:
+                    raise NotADirectoryError(key)
+                ino = row.ino
+            if ino != ROOT_INODE:
+                self.inodes.relist(ino, root)
+        return ino
+
+    def find_key(self, key: str) -> Inode | None:
+        """The entry at virtual key ``key`` ('a/b/' or 'a/b'), if the tree has it (nothing is loaded)."""
+        row = self.inodes.find(ROOT_INODE)
+        for name in filter(None, key.split("/")):
+            if row is None:
+                return None
+            row = self._child(row.ino, name)
+        return row
+
+    def dirty_below(self, ino: int) -> list[int]:
+        """The names in the subtree of directory ``ino`` that need exporting."""
+        out, todo = [], [ino]
+        while todo:
+            current = todo.pop()
+            for row in self.inodes.children(current):
+                if row.dirty:
+                    out.append(row.ino)
+                if row.is_dir:
+                    todo.append(row.ino)
+        return out
+
+    def unlink_directory(self, ino: int) -> list[int]:
+        """An association removed: its directory and everything below leave the tree, nothing is deleted in S3
+        (in one transaction; the caller exported what had to be). Returns the names removed, deepest first."""
+        order, todo = [], [ino]
+        while todo:
+            current = todo.pop()
+            order.append(current)
+            todo += self.inodes.child_inos(current)
+        rows = [r for r in (self.inodes.find(i) for i in reversed(order)) if r is not None]
+        with db.transaction(self.conn):
+            for row in rows:
+                self._remove_name(row, in_s3=False)
+                self.inodes.drop_whiteouts(row.ino)
+        for row in rows:
+            self._purge_if_unused(row.node)
+        return [r.ino for r in rows]
+
     def separate(self, row: Inode) -> None:
         """Another writer replaced the object of a hard link's name: the name becomes a file of its own (in the
         caller's transaction; its new version is imported next)."""
@@ -456,10 +520,19 @@ class Namespace:
         self.inodes.set_ctime(row.link_of, time.time_ns())
 
 
+@contextlib.contextmanager
+def _taken_is_eexist(name: str) -> Iterator[None]:
+    """A name another host of the cluster created since this one looked: EEXIST, as if it had been seen."""
+    try:
+        yield
+    except NameTaken:
+        raise FileExistsError(name) from None
+
+
 def _check_not_reserved(parent: int, name: str) -> None:
     """The control file's name at the root is not the namespace's to create, remove or rename (EPERM)."""
-    if parent == ROOT_INODE and name == paths.CONTROL_NAME:
-        raise OSError(errno.EPERM, f"{name} at the root is reserved for the control file")
+    if parent == ROOT_INODE and paths.is_reserved("", name):
+        raise OSError(errno.EPERM, f"{name} at the root is reserved for lustrefs")
 
 
 def _check_new_name(parent: int, name: str) -> None:
