@@ -95,7 +95,7 @@ def mounter(moto: MotoEndpoint, home: Path, tmp_path: Path) -> Iterator[Callable
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A private PostgreSQL server for the session (tests/pgserver.py): unix socket only, thrown away at the end.
+    """A private PostgreSQL server for the session (lustrefs/demo/localpg.py): unix socket only, thrown away at the end.
     Fails (does not skip) when PostgreSQL is not installed: `make system-deps` installs it."""
     try:
         server = PostgresServer()

@@ -65,6 +65,18 @@ def test_two_associations_on_two_buckets_while_mounted(
         wait_for(lambda: "run42/out.csv" in keys(s3, lab), 30, "the export to the second bucket")
         assert s3.get_object(Bucket=lab, Key="run42/out.csv")["Body"].read() == b"a,b\n"
         assert keys(s3, genomes) == {"ref/hg38.fa"}
+        # Data repository tasks take the paths of any association: an import task from the second bucket, an
+        # export task of the first association's directory (whose policy exports nothing by itself).
+        s3.put_object(Bucket=lab, Key="run42/by-task.txt", Body=b"imported by a task")
+        task = cli(moto, "create-data-repository-task", "--file-system-id", fs_id, "--type",
+                   "IMPORT_METADATA_FROM_REPOSITORY", "--paths", f"s3://{lab}/run42", "--report", "Enabled=false",
+                   "--wait")["DataRepositoryTask"]  # fmt: skip
+        assert task["Lifecycle"] == "SUCCEEDED", task
+        assert (m.path / "scratch/run42/by-task.txt").read_bytes() == b"imported by a task"
+        task = cli(moto, "create-data-repository-task", "--file-system-id", fs_id, "--type", "EXPORT_TO_REPOSITORY",
+                   "--paths", "ref", "--report", "Enabled=false", "--wait")["DataRepositoryTask"]  # fmt: skip
+        assert task["Lifecycle"] == "SUCCEEDED", task
+        assert s3.get_object(Bucket=genomes, Key="ref/local.txt")["Body"].read() == b"stays local"
         # Deleted while mounted with a file not exported yet: exported first, then the directory goes.
         cli(moto, "update-data-repository-association", "--association-id", scratch["AssociationId"],
             "--s3", "AutoExportPolicy={Events=[]}")  # fmt: skip

@@ -125,3 +125,29 @@ def test_an_object_put_is_visible_within_seconds_through_a_mount(
         m.unmount()
     finally:
         m.cleanup()
+
+
+@pytest.mark.fuse
+def test_a_misconfigured_notification_costs_one_poll_interval(
+    moto: MotoEndpoint, s3: Any, bucket: str, home: Path, tmp_path: Path
+) -> None:
+    """The queue exists but the bucket sends it nothing (its notification is missing, or names another queue):
+    changes still arrive, by the next poll."""
+    sqs = s3events.make_client(moto.url, "us-east-1", wait_seconds=1)
+    url = sqs.create_queue(QueueName=f"q-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    other = sqs.create_queue(QueueName=f"other-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    other_arn = sqs.get_queue_attributes(QueueUrl=other, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration=s3events.notification_config(other_arn)
+    )
+    fs_id = create_fs(moto, f"s3://{bucket}", AutoImportPolicy="NEW_CHANGED_DELETED")
+    res, m = mount_fs(fs_id, tmp_path / "mnt", f"event_queue={url},poll_interval=1")
+    assert m is not None, res.stderr
+    try:
+        s3.put_object(Bucket=bucket, Key="d/first", Body=b"1")
+        assert (m.path / "d/first").read_bytes() == b"1"  # d listed
+        s3.put_object(Bucket=bucket, Key="d/second", Body=b"2")
+        wait_for(lambda: (m.path / "d/second").exists(), 15, "the object, by a poll")
+        m.unmount()
+    finally:
+        m.cleanup()

@@ -1,4 +1,4 @@
-"""The private PostgreSQL server the cluster-mode tests run against (tests/pgserver.py and its fixtures)."""
+"""The private PostgreSQL server the cluster tests run against (lustrefs/demo/localpg.py; fixtures in conftest)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import boto3
 import botocore.utils
 import pytest
+import trio
+from botocore.stub import Stubber
 
+from lustrefs.s3.repository import Repository, RepositoryError
 from lustrefs.s3client import parse_timestamp
 
 
@@ -30,3 +34,20 @@ def test_parse_timestamp_rejects_garbage_like_botocore() -> None:
         botocore.utils.parse_timestamp("not a date")
     with pytest.raises(ValueError):
         parse_timestamp("not a date")
+
+
+def test_an_endpoint_without_multipart_listing_has_no_uploads_to_abort() -> None:
+    """s3rver answers ListMultipartUploads with 501 NotImplemented: the recovery of an intent left by a crash
+    must not fail for ever (it did: the exporter retried every second and unmounts waited export_timeout)."""
+    client = boto3.client(
+        "s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:1", aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )  # fmt: skip
+    repo = Repository(client, "b", 2)
+    with Stubber(client) as stub:
+        stub.add_client_error("list_multipart_uploads", "NotImplemented", "A header you provided implies"
+                              " functionality that is not implemented", 501)  # fmt: skip
+        assert trio.run(repo.abort_uploads, "k") == 0
+        stub.add_client_error("list_multipart_uploads", "InternalError", "try again", 500)
+        with pytest.raises(RepositoryError):
+            trio.run(repo.abort_uploads, "k")

@@ -92,7 +92,10 @@ def new_task(request: dict[str, Any]) -> dict[str, Any]:
     fs_id = records.check_file_system_id(request.get("FileSystemId"), CREATE)
     record = records.load_record(fs_id, CREATE)
     repo_conf = record.get("LustreConfiguration", {}).get("DataRepositoryConfiguration")
-    if not repo_conf:
+    linked = [a["DataRepositoryPath"] for a in record.get("_Associations") or [] if a.get("Lifecycle") != "DELETING"]
+    if repo_conf:
+        linked = [repo_conf.get("ExportPath") or repo_conf["ImportPath"]]
+    if not linked:
         raise _bad(f"File system {fs_id} is not linked to a data repository.")
     now = timestamp()
     task_id = "task-" + secrets.token_hex(9)[:17]
@@ -106,7 +109,7 @@ def new_task(request: dict[str, Any]) -> dict[str, Any]:
         "FileSystemId": fs_id,
         "Paths": _validate_paths(kind, request.get("Paths")),
         "Status": {"TotalCount": 0, "SucceededCount": 0, "FailedCount": 0, "LastUpdatedTime": now},
-        "Report": _validate_report(request.get("Report"), repo_conf.get("ExportPath") or repo_conf["ImportPath"]),
+        "Report": _validate_report(request.get("Report"), linked),
     }
     if kind == RELEASE:
         task["Status"]["ReleasedCapacity"] = 0
@@ -133,7 +136,9 @@ def _validate_paths(kind: str, paths: Any) -> list[str]:
     return list(paths)
 
 
-def _validate_report(report: Any, export_path: str) -> dict[str, Any]:
+def _validate_report(report: Any, export_paths: list[str]) -> dict[str, Any]:
+    """The task's report settings; an enabled report goes to the ExportPath (or a data repository association's
+    path) or below."""
     if not isinstance(report, dict) or not isinstance(report.get("Enabled"), bool):
         raise _bad("Report is required, with Enabled=true or Enabled=false.")
     if not report["Enabled"]:
@@ -145,10 +150,12 @@ def _validate_report(report: Any, export_path: str) -> dict[str, Any]:
         raise _bad(f"Invalid Report.Format {report['Format']!r}; the only format is {REPORT_FORMAT}.")
     if report["Scope"] != REPORT_SCOPE:
         raise _bad(f"Invalid Report.Scope {report['Scope']!r}; the only scope is {REPORT_SCOPE}.")
-    url, export = S3Url.parse(report["Path"]), S3Url.parse(export_path)
-    if url is None or export is None or url.bucket != export.bucket or not _within(url.prefix, export.prefix):
+    url = S3Url.parse(report["Path"])
+    exports = [e for e in map(S3Url.parse, export_paths) if e is not None]
+    if url is None or not any(url.bucket == e.bucket and _within(url.prefix, e.prefix) for e in exports):
         raise _bad(
-            f"The report path {report['Path']} must be located within the file system's ExportPath {export_path}."
+            f"The report path {report['Path']} must be located within the file system's ExportPath"
+            f" (or a data repository association's path): {', '.join(export_paths)}."
         )
     return {k: report[k] for k in ("Enabled", "Path", "Format", "Scope")}
 

@@ -130,6 +130,7 @@ class Core:
             on_change=lambda ino, delay: self.writeback.schedule(ino, delay),
             on_closed=lambda ino: self.importer.closed(ino),
             host=link.host if link else None,
+            version=(lambda: conn.generation) if link else None,  # type: ignore[union-attr]
         )
         index = conn if cache_conn is None else cache_conn
         assert isinstance(index, sqlite3.Connection), "the cache index is always in a local SQLite file"
@@ -179,6 +180,7 @@ class Core:
                 lambda ino: self.writeback.schedule(ino, settings.export_delay),
                 self.writeback.request,
                 lambda: conn.session,  # type: ignore[union-attr]
+                conn.changed,  # type: ignore[union-attr]
             )
         self.linker = None
         if settings.associations is not None:

@@ -92,6 +92,8 @@ class _Handle:
     opened: FileData  # the content when opened: reads stay on it if S3 replaces the object meanwhile
     reimports: int  # the inode's re-import count when opened
     read_etag: str | None = None  # the object version this handle has read bytes of
+    current: FileData | None = None  # the content as last read from the row, and the row version then
+    current_version: int | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -256,7 +258,7 @@ class Operations(pyfuse3.Operations):
             return self.control_file.read(fh, off, size)
         handle = self._handles[fh]
         reimported = handle.reimports != self.ns.loader.reimport_count(handle.ino)
-        data = handle.opened if reimported and not handle.opened.local else self._data(handle.ino)
+        data = handle.opened if reimported and not handle.opened.local else self._current(handle)
         if data.source is not None and not data.local:
             self.prefetcher.on_read(handle.read_ahead, data.source, off, size)
         try:
@@ -272,6 +274,14 @@ class Operations(pyfuse3.Operations):
         if data.source is not None:
             handle.read_etag = data.source.etag
         return buf
+
+    def _current(self, handle: _Handle) -> FileData:
+        """The content a read of ``handle`` sees: its row's, read again unless no row changed since (the cluster
+        engine's rows are a round trip away; the embedded engine reads them each time)."""
+        version = self.ns.row_version()
+        if version is None or handle.current is None or handle.current_version != version:
+            handle.current, handle.current_version = self._data(handle.ino), version
+        return handle.current
 
     async def _reload_unread(self, ino: int, data: FileData) -> bool:
         """The version a read is pinned to is gone from S3. If no handle has read any of it, the file takes the

@@ -27,6 +27,7 @@ from lustrefs.daemon import hsm
 from lustrefs.daemon.hsm import ActionError
 from lustrefs.errors import NoEntry
 from lustrefs.s3.repository import RepositoryError
+from lustrefs.s3.routing import RoutedStore
 from lustrefs.s3client import S3Url
 from lustrefs.store.inodes import ORPHAN
 from lustrefs.task_records import EXPORT, IMPORT, RELEASE, TASK_ID, TYPES, list_tasks, load_task, save_task
@@ -344,13 +345,19 @@ class TaskRunner:
     def _import_dir(self, uri: str) -> int:
         """The deepest loaded directory holding the keys of ``s3://bucket/prefix``."""
         url = S3Url.parse(uri)
-        if url is None or url.bucket != self.ns.repo.bucket:
+        if url is not None and isinstance(self.ns.repo, RoutedStore):  # associations: re-rooted
+            key = self.ns.repo.map.virtual(url.bucket, url.prefix.rstrip("/") + "/" if url.prefix else "")
+            if key is None:
+                raise TaskFailed(f"The path {uri} is in no data repository association of the file system.")
+        elif url is None or url.bucket != self.ns.repo.bucket:
             raise TaskFailed(f"The path {uri} is not in the linked bucket {self.ns.repo.bucket}.")
-        imported = self.ns.import_prefix
-        if not (url.prefix.startswith(imported) or imported.startswith(url.prefix)):
-            raise TaskFailed(f"The path {uri} is outside the file system's ImportPath.")
+        else:
+            key = url.prefix
+            imported = self.ns.import_prefix
+            if not (key.startswith(imported) or imported.startswith(key)):
+                raise TaskFailed(f"The path {uri} is outside the file system's ImportPath.")
         ino = ROOT_INODE
-        for name in [n for n in url.prefix.split("/") if n]:
+        for name in [n for n in key.split("/") if n]:
             row = self.ns.inodes.child(ino, name)
             if row is None or not stat.S_ISDIR(row.mode):
                 break

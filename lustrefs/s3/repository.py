@@ -48,6 +48,12 @@ class VersionChanged(RepositoryError):
     code = "S3ObjectChanged"
 
 
+class Unsupported(RepositoryError):
+    """The endpoint does not implement the request (501 NotImplemented: some S3-compatible servers)."""
+
+    code = "S3RequestNotImplemented"
+
+
 class Unavailable(RepositoryError):
     """The endpoint could not be reached (after the client's bounded retries)."""
 
@@ -112,6 +118,8 @@ def _translate(exc: Exception, what: str) -> RepositoryError:
             return AccessDenied(msg)
         if code in ("412", "PreconditionFailed") or status == 412:
             return VersionChanged(msg)
+        if code == "NotImplemented" or status == 501:
+            return Unsupported(msg)
         return RepositoryError(msg)
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return Unavailable(f"{what}: {exc}")
@@ -293,12 +301,17 @@ class Repository:
         return {e["Key"]: f"{e.get('Code', '')} {e.get('Message', '')}".strip() for e in resp.get("Errors", [])}
 
     async def abort_uploads(self, key: str) -> int:
-        """Abort every multipart upload in progress to ``key`` (left by a crash); returns how many."""
-        resp = await self._call(
-            f"LIST uploads s3://{self.bucket}/{key}",
-            "LIST",
-            lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key),
-        )
+        """Abort every multipart upload in progress to ``key`` (left by a crash); returns how many. An endpoint
+        that cannot list uploads (NotImplemented) has none to abort that lustrefs could find: 0."""
+        try:
+            resp = await self._call(
+                f"LIST uploads s3://{self.bucket}/{key}",
+                "LIST",
+                lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key),
+            )
+        except Unsupported as exc:
+            log.warning("%s: uploads left by a crash are left to the bucket's lifecycle rules", exc)
+            return 0
         ids = [u["UploadId"] for u in resp.get("Uploads", []) if u["Key"] == key]
         for upload_id in ids:
             await self._call(

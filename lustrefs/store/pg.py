@@ -129,6 +129,7 @@ class PgConnection:
         self.conninfo = conninfo
         self.raw = self._open()
         self._sql: dict[str, str] = {}
+        self.generation = 0  # changes whenever a row may have changed: a write here, or news of another host's
 
     def _open(self) -> psycopg.Connection[Any]:
         return psycopg.connect(
@@ -161,6 +162,8 @@ class PgConnection:
         if self.raw.broken or self.raw.closed:
             self.raw = self._open()
         cur = self.raw.execute(self._translate(sql), params)  # type: ignore[arg-type]
+        if sql.startswith(("INSERT", "UPDATE", "DELETE")):
+            self.generation += 1
         if sql == "BEGIN":
             self.raw.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
         return cur
@@ -168,6 +171,11 @@ class PgConnection:
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
         with self.raw.cursor() as cur:
             cur.executemany(self._translate(sql), params)  # type: ignore[arg-type]
+        self.generation += 1
+
+    def changed(self) -> None:
+        """Another host changed a row (its notification came)."""
+        self.generation += 1
 
     @property
     def in_transaction(self) -> bool:

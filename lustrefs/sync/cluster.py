@@ -43,6 +43,7 @@ class Cluster:
         on_dirty: Callable[[int], None],
         on_request: Callable[[int], None],
         own_session: Callable[[], int],
+        on_news: Callable[[], None],
     ) -> None:
         self.conninfo = conninfo
         self.fs_id = fs_id
@@ -52,6 +53,7 @@ class Cluster:
         self.on_dirty = on_dirty  # an entry another host changed needs exporting (leader only)
         self.on_request = on_request  # another host asks for an explicit export (leader only)
         self.own_session = own_session  # the namespace connection's session: its own changes are not news
+        self.on_news = on_news  # rows this host read may be stale now
         self.leading = False
         self.became_leader = trio.Event()
         self.listening = trio.Event()  # set once the first listener is connected (changes are received from then)
@@ -95,6 +97,7 @@ class Cluster:
 
     def _apply(self, change: Change) -> None:
         """Another host changed a row: drop what the kernel caches of it, export it if this host leads."""
+        self.on_news()
         self.notifier.inode(change.ino if change.link_of is None else change.link_of)
         for place in (change.old, change.new):
             if place is not None and place[1] and (place[0] in self.ns.lookup_counts or place[0] == ROOT_INODE):

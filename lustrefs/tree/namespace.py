@@ -56,8 +56,10 @@ class Namespace:
         on_change: Callable[[int, float], None] = lambda ino, delay: None,
         on_closed: Callable[[int], None] = lambda ino: None,
         host: str | None = None,
+        version: Callable[[], int] | None = None,
     ) -> None:
         self.conn = conn
+        self.version = version  # cluster engine: a number that changes whenever any row may have changed
         self.host = host  # cluster engine: this host's name in the shared tables (``holder``); None embedded
         self.inodes = InodeStore(conn)  # the tree's table: every read and write of it goes through the store
         self.exports = ExportLedger(conn)  # the export state of entries is written there, nowhere else
@@ -82,6 +84,10 @@ class Namespace:
         await self.loader.run(task_status=task_status)
 
     # ----------------------------------------------------------------------------------------- queries
+
+    def row_version(self) -> int | None:
+        """What ``version`` gives (rows read under one value are still current), or None: read them each time."""
+        return None if self.version is None else self.version()
 
     def get(self, ino: int) -> Inode:
         row = self.inodes.find(ino)
