@@ -71,6 +71,12 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+def _data_of(row: Inode) -> FileData:
+    """The content of inode ``row``: its size, its clean data's object version, whether local parts hold it."""
+    source = ObjectVersion(row.ino, row.key, row.etag, row.src_limit) if row.etag else None
+    return FileData(row.ino, row.size, source, bool(row.dirty & DATA))
+
+
 def _name(raw: bytes) -> str:
     """A name from the kernel; ENAMETOOLONG past NAME_MAX bytes, whatever the request (POSIX)."""
     if len(raw) > paths.NAME_MAX:
@@ -200,12 +206,15 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         return os.fsencode(await self.ns.readlink(inode))
 
-    def _new_handle(self, ino: int, writable: bool) -> int:
+    def _new_handle(self, row: Inode, writable: bool) -> int:
+        """A handle of inode ``row`` (just read: its content is the handle's current one)."""
         fh = self._next_fh
         self._next_fh += 1
+        ino, data = row.ino, _data_of(row)
         self._handles[fh] = _Handle(
-            ino, self.prefetcher.new_handle(), writable, self._data(ino), self.ns.loader.reimport_count(ino)
-        )
+            ino, self.prefetcher.new_handle(), writable, data, self.ns.loader.reimport_count(ino), None, data,
+            self.ns.row_version(),
+        )  # fmt: skip
         self.ns.opened(ino)
         if writable:
             self.writeback.opened_for_write(ino)
@@ -221,7 +230,7 @@ class Operations(pyfuse3.Operations):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if writable and flags & os.O_TRUNC:  # libfuse enables atomic O_TRUNC: it comes here (times set if empty)
             row = self._truncate(inode, 0, {})
-        fh = self._new_handle(inode, writable)
+        fh = self._new_handle(row, writable)
         if not writable and not row.dirty & DATA:
             self.prefetcher.on_open(row.parent, inode, lambda n: self._versions_after(row.parent, inode, n))
         # Keep the kernel's pages only if they belong to the content being opened.
@@ -236,7 +245,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         row = await self.ns.create(parent_inode, _name(name), stat.S_IFREG | (mode & ~ctx.umask & 0o7777), _owner(ctx))
         self.ns.remember(row.ino)
-        fh = self._new_handle(row.ino, True)
+        fh = self._new_handle(row, True)
         self._page_cache_version[row.ino] = (row.etag, row.data_gen)
         return pyfuse3.FileInfo(fh=fh), self._attrs(row)
 
@@ -248,9 +257,7 @@ class Operations(pyfuse3.Operations):
         ]
 
     def _data(self, ino: int) -> FileData:
-        row = self.ns.get(ino)
-        source = ObjectVersion(ino, row.key, row.etag, row.src_limit) if row.etag else None
-        return FileData(ino, row.size, source, bool(row.dirty & DATA))
+        return _data_of(self.ns.get(ino))
 
     @fuse_op
     async def read(self, fh: int, off: int, size: int) -> Buffer:
