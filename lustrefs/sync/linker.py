@@ -79,15 +79,21 @@ class Linker:
         if not self.leads():
             return
         for a in wanted:
-            if a.lifecycle == "DELETING":
-                await self._delete(a)
-            elif a.lifecycle in ("CREATING", "MISCONFIGURED") or a.id not in self.applied:
-                await self._create(a)
-            elif a.lifecycle == "UPDATING":
-                await self.report(a.id, "AVAILABLE", None)
-            self.applied[a.id] = a
+            try:
+                if a.lifecycle == "DELETING":
+                    await self._delete(a)
+                elif a.lifecycle in ("CREATING", "MISCONFIGURED") or a.id not in self.applied:
+                    if await self._create(a):
+                        self.applied[a.id] = a
+                else:
+                    if a.lifecycle == "UPDATING":
+                        await self.report(a.id, "AVAILABLE", None)
+                    self.applied[a.id] = a
+            except Exception:  # e.g. the record cannot be written now: the next look tries again
+                log.exception("association %s", a.id)
 
-    async def _create(self, a: Association) -> None:
+    async def _create(self, a: Association) -> bool:
+        """Make or re-list its directory and report it AVAILABLE; whether that was done."""
         try:
             await self.router.any_key(a.root)  # the bucket can be listed
             ino = self.ns.link_directory(a.root)
@@ -97,12 +103,13 @@ class Linker:
         except (AccessDenied, NotFound) as exc:
             if a.lifecycle != "MISCONFIGURED":
                 await self.report(a.id, "MISCONFIGURED", f"Cannot list {a.url}: {exc}")
-            return
+            return False
         except (RepositoryError, OSError) as exc:  # unavailable now: the next look tries again
             log.warning("association %s: %s", a.id, exc)
-            return
+            return False
         if a.lifecycle != "AVAILABLE":
             await self.report(a.id, "AVAILABLE", None)
+        return True
 
     async def _delete(self, a: Association) -> None:
         top = self.ns.find_key(a.root)  # the root itself for an association at "/"
