@@ -91,9 +91,10 @@ class RoutedStore:
     # ----------------------------------------------------------------------------------------- listing
 
     async def list_page(self, prefix: str, token: str | None, max_keys: int = 1000) -> Page:
-        if self.map.find(prefix) is None:  # above the associations: the ways down to their roots
+        found = self.map.find(prefix)
+        if found is None:  # above the associations: the ways down to their roots
             return Page(self.map.dirs_above(prefix), [], None)
-        association, real = self.map.find(prefix)  # type: ignore[misc]
+        association, real = found
         page = await self._store(association.bucket).list_page(real, token, max_keys)
         prefixes = [v for p in page.prefixes if (v := self._back(association.bucket, p)) is not None]
         objects = [

@@ -2,9 +2,9 @@
 
 Every host of a cluster serves the file system from the shared tables in PostgreSQL. One of them, the leader
 (whoever holds the file system's leader lock), runs what must run once per file system: the exporter's automatic
-exports and deletions, the importer's polls and the data repository tasks. The lock is a session lock of this
-host's listening connection: when the leader's host dies or loses the database, the server releases it and
-another host takes it at its next try (every ``LEAD_RETRY`` seconds).
+exports and deletions, the explicit exports other hosts ask for, the importer's polls and its event queue. The
+lock is a session lock of this host's listening connection: when the leader's host dies or loses the database,
+the server releases it and another host takes it at its next try (every ``LEAD_RETRY`` seconds).
 
 The same connection receives the change notifications of the ``inodes`` table (lustrefs.store.pg): the changes
 other hosts made are dropped from this host's kernel caches (the ``Notifier``) and, on the leader, scheduled for
