@@ -61,6 +61,7 @@ class Links:
 
     buckets: dict[str, Bucket]
     items: list[Association] = field(default_factory=list)
+    failures: dict[str, str | None] = field(default_factory=dict)  # FailureDetails reported, by association
 
     async def read(self) -> list[Association]:
         return list(self.items)
@@ -74,9 +75,6 @@ class Links:
 
     def lifecycle(self, dra_id: str) -> str | None:
         return next((a.lifecycle for a in self.items if a.id == dra_id), None)
-
-    def __post_init__(self) -> None:
-        self.failures: dict[str, str | None] = {}
 
     def store_for(self, bucket: str) -> MemoryRepository:
         """A client of ``bucket``; a bucket that does not exist answers NoSuchBucket."""
