@@ -34,7 +34,9 @@ class MountOptions:
     log_level: str = "info"
     posix_metadata: bool = True  # HEAD each object for x-amz-meta-file-* (off: listing attributes only)
     attr_timeout: float = 60.0  # seconds the kernel may cache attributes and entries
-    negative_timeout: float = 5.0  # seconds the kernel may cache the absence of a name
+    # seconds the kernel may cache the absence of a name; None: 5, or 0 with the cluster engine (a name another
+    # host creates is found at once)
+    negative_timeout: float | None = None
     read_ahead_mib: int = 64  # largest read-ahead window of a sequential reader
     kernel_read_ahead_kib: int = 16384  # the kernel's read-ahead for this mount (root only; 0 leaves it alone)
     part_size_mib: int | None = None  # unit of fetching and caching (None: the cache's, else 4 MiB)
@@ -109,6 +111,8 @@ def parse_options(text: str | None) -> MountOptions:
             opts.log_level = value.lower()
         elif name == "posix_metadata":
             opts.posix_metadata = _bool(name, value)
+        elif name == "negative_timeout" and value.strip() in ("0", "0.0"):
+            opts.negative_timeout = 0.0
         elif name in ("attr_timeout", "negative_timeout", "export_timeout", "io_timeout", "poll_interval"):
             setattr(opts, name, _float(name, value))
         elif name == "export_delay":

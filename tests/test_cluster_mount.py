@@ -45,6 +45,11 @@ def test_two_hosts_share_one_file_system(
         # A rewrite on B, read on A (A's kernel had the old pages and size).
         (b / "results/r1").write_bytes(b"rewritten on B, longer")
         assert (a / "results/r1").read_bytes() == b"rewritten on B, longer"
+        # A name created on A is found by B's next lookup, even right after B looked it up in vain.
+        for i in range(20):
+            assert not (b / f"results/new{i}").exists()
+            (a / f"results/new{i}").write_bytes(b"")
+            assert (b / f"results/new{i}").exists()
         # O_EXCL across hosts.
         with pytest.raises(FileExistsError):
             os.open(b / "results/r1", os.O_CREAT | os.O_EXCL | os.O_WRONLY)

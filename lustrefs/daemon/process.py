@@ -202,7 +202,9 @@ def serve(p: MountPlan, ready_fd: int | None) -> int:
         poll_interval=p.opts.poll_interval,
         read_ahead=p.opts.read_ahead_mib * options.MIB,
         attr_timeout=p.opts.attr_timeout,
-        negative_timeout=p.opts.negative_timeout,
+        negative_timeout=(
+            p.opts.negative_timeout if p.opts.negative_timeout is not None else 0.0 if setting.shared else 5.0
+        ),
         cluster=ClusterLink(
             setting.conninfo, p.fs_id, _host_name(home), f"{STAGING_NAME}/{p.fs_id}/"
         ) if setting.shared else None,
