@@ -111,6 +111,8 @@ def test_the_leader_exports_what_other_hosts_closed(tmp_path: Path, pg_database:
     async def test(nursery: trio.Nursery) -> None:
         a, b = await hosts(tmp_path, store, pg_database, nursery)
         assert a.core.leading and not b.core.leading
+        assert a.core.control.snapshot()["cluster"] == {"host": "host0", "leading": True}  # lustrefs stats
+        assert b.core.control.snapshot()["cluster"] == {"host": "host1", "leading": False}
         big = os.urandom(3 * 1024 * 1024 + 5)  # a multipart staging upload
         await b.mkdir("d")
         await b.write_file("d/small", b"small")

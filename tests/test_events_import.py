@@ -122,6 +122,8 @@ def test_an_object_put_is_visible_within_seconds_through_a_mount(
         s3.delete_object(Bucket=bucket, Key="d/f4")
         wait_for(lambda: not (m.path / "d/f4").exists(), 30, "the deletion")
         print(json.dumps({"p50_s": statistics.median(latencies), "all": [round(x, 3) for x in latencies]}))
+        queue = m.stats()["event_queue"]  # lustrefs stats shows the queue's counters
+        assert queue["events_applied"] >= 12 and queue["foreign_dropped"] == 1 and queue["last_error"] is None
         m.unmount()
     finally:
         m.cleanup()

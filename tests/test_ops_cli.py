@@ -283,3 +283,19 @@ def test_stats_table_and_json(s3: Any, bucket: str, mounter: Any, tmp_path: Path
 
     rc, _, err = run_cli("stats", str(tmp_path))
     assert rc == 1 and err == f"lustrefs stats: {tmp_path}: not the root of a lustrefs mount\n"
+
+
+def test_stats_table_shows_the_cluster_role_and_the_event_queue() -> None:
+    from lustrefs.client.cli import format_stats
+
+    snapshot = {
+        "file_system_id": "fs-0123456789abcdef0",
+        "cache": {"hits": 0, "misses": 0, "used": 0, "capacity": 1, "targets": [], "bytes_fetched": 0, "evictions": 0},
+        "requests": {"GET": 0},
+        "inodes": 1,
+        "cluster": {"host": "node7:ab12", "leading": False},
+        "event_queue": {"events_applied": 12, "foreign_dropped": 1, "last_error": "NonExistentQueue"},
+    }
+    table = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in format_stats(snapshot, "/m").splitlines())
+    assert table["Cluster"] == "host node7:ab12, follower"
+    assert table["Event queue"] == "12 events applied, 1 messages dropped, last error: NonExistentQueue"

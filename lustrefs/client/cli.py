@@ -519,6 +519,12 @@ def format_stats(s: dict[str, Any], mountpoint: str) -> str:
         rows.append(("Last poll", "never"))
     if "tasks" in s:
         rows.append(("Tasks", f"{s['tasks']['executing'] or 'none'} executing, {s['tasks']['pending']} pending"))
+    if cluster := s.get("cluster"):
+        rows.append(("Cluster", f"host {cluster['host']}, {'leader' if cluster['leading'] else 'follower'}"))
+    if queue := s.get("event_queue"):
+        error = f", last error: {queue['last_error']}" if queue.get("last_error") else ""
+        applied, dropped = queue["events_applied"], queue["foreign_dropped"]
+        rows.append(("Event queue", f"{applied} events applied, {dropped} messages dropped{error}"))
     rows.append(("Inodes", str(s["inodes"])))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -55,6 +55,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,18 @@ class Control:
     """Runs the control requests; acts through the namespace, cache, exporter and importer."""
 
     def __init__(
-        self, ns: Namespace, cache: Cache, writeback: Writeback, hsm: Hsm, tasks: TaskRunner, importer: Importer
+        self,
+        ns: Namespace,
+        cache: Cache,
+        writeback: Writeback,
+        hsm: Hsm,
+        tasks: TaskRunner,
+        importer: Importer,
+        more: Callable[[], dict[str, Any]] = dict,
     ) -> None:
+        """``more``: further parts of the stats (the cluster's role, the event queue's counters)."""
         self.ns = ns
+        self.more = more
         self.cache = cache
         self.writeback = writeback
         self.importer = importer
@@ -169,6 +179,7 @@ class Control:
         snapshot["tasks"] = self.tasks.status()
         if self.importer is not None:
             snapshot["import"] = self.importer.status()
+        snapshot.update(self.more())
         return snapshot
 
     async def handle(self, data: bytes, caller: Caller) -> Response:

@@ -192,7 +192,9 @@ class Core:
             )  # fmt: skip
         self.hsm = Hsm(self.ns, self.cache, self.writeback)
         self.tasks = TaskRunner(self.ns, self.writeback, self.hsm, self.importer)
-        self.control = Control(self.ns, self.cache, self.writeback, self.hsm, self.tasks, self.importer)
+        self.control = Control(
+            self.ns, self.cache, self.writeback, self.hsm, self.tasks, self.importer, self._stats
+        )
         prefetcher = Prefetcher(self.cache, settings.read_ahead, small_file=settings.part_size, files_ahead=FILES_AHEAD)
         self.ops = Operations(
             self.ns,
@@ -233,6 +235,15 @@ class Core:
             for service in (self.writeback, self.importer, self.queue):
                 if service is not None:
                     await nursery.start(service.run)
+
+    def _stats(self) -> dict[str, Any]:
+        """The parts of ``lustrefs stats`` that only some mounts have: the cluster role, the event queue."""
+        out: dict[str, Any] = {}
+        if self.cluster is not None:
+            out["cluster"] = {"host": self.ns.host, "leading": self.cluster.leading}
+        if self.queue is not None:
+            out["event_queue"] = self.queue.status()
+        return out
 
     @property
     def leading(self) -> bool:
