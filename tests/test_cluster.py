@@ -306,3 +306,41 @@ def test_a_staging_upload_left_by_a_dead_host_is_cleaned_up_only_once_it_is_old(
         await a.stop()
 
     run(test)
+
+
+def test_a_staged_file_removed_before_its_export_leaves_no_staging_object(tmp_path: Path, pg_database: str) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        a, b = await hosts(tmp_path, store, pg_database, nursery, delay=3600.0)  # nothing exported meanwhile
+        await b.write_file("f", b"staged, never exported")
+        assert len(staged_keys(store)) == 1
+        await b.unlink("f")
+        await wait_for(lambda: staged_keys(store) == [])  # the leader deleted it
+        assert "f" not in store.objects and not a.ns.exports.pending_deletes()
+        for d in (b, a):
+            await d.stop()
+
+    run(test)
+
+
+def test_a_close_whose_staging_fails_is_eio_and_the_data_stays(tmp_path: Path, pg_database: str) -> None:
+    store = Bucket()
+
+    async def test(nursery: trio.Nursery) -> None:
+        a, b = await hosts(tmp_path, store, pg_database, nursery)
+        fh = await b.write_file("f", b"kept", close=False)
+        store.faults.error_rate = 1.0
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await b.ops.flush(fh)
+        assert err.value.errno == errno.EIO
+        await b.ops.release(fh)
+        assert b.ns.get(await b.resolve("f")).holder == "host1"  # still B's: nothing lost
+        store.faults.error_rate = 0.0
+        fh = (await b.ops.open(await b.resolve("f"), os.O_WRONLY, Ctx())).fh
+        await b.close(fh)  # the next close stages it
+        assert await a.read_file("f") == b"kept"
+        for d in (b, a):
+            await d.stop()
+
+    run(test)

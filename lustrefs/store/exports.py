@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import time
 
+from lustrefs.constants import STAGING_NAME
 from lustrefs.store import db
 from lustrefs.store.inodes import ORPHAN, ROW, Inode
 
@@ -187,6 +188,12 @@ class ExportLedger:
             if replaced:
                 self.queue_delete(replaced)
         self.conn.execute("UPDATE inodes SET holder = NULL WHERE ino = ? AND data_gen = ?", (ino, gen))
+
+    def purged(self, row: Inode) -> None:
+        """Inode ``row`` leaves for good: if its clean data is a staging object of the cluster engine (no other
+        entry ever reads it), that object is deleted."""
+        if row.key.startswith(STAGING_NAME + "/"):
+            self.queue_delete(row.key)
 
     def relocate(self, ino: int, key: str, etag: str) -> None:
         """The clean data of ``ino`` is the object ``key`` at ``etag`` (a lost copy source, found again)."""

@@ -50,7 +50,7 @@ class Cluster:
         self.ns = ns
         self.notifier = notifier
         self.lead = lead  # the leader's services: run until cancelled
-        self.on_dirty = on_dirty  # an entry another host changed needs exporting (leader only)
+        self.on_dirty = on_dirty  # an entry another host changed needs exporting (0: only wake the exporter)
         self.on_request = on_request  # another host asks for an explicit export (leader only)
         self.own_session = own_session  # the namespace connection's session: its own changes are not news
         self.on_news = on_news  # rows this host read may be stale now
@@ -102,5 +102,5 @@ class Cluster:
         for place in (change.old, change.new):
             if place is not None and place[1] and (place[0] in self.ns.lookup_counts or place[0] == ROOT_INODE):
                 self.notifier.entry(*place)
-        if self.leading and change.dirty and change.new is not None:
-            self.on_dirty(change.ino)
+        if self.leading:  # an entry to export, or (0) a deletion the other host may have queued: wake the exporter
+            self.on_dirty(change.ino if change.dirty and change.new is not None else 0)

@@ -670,11 +670,16 @@ class Writeback:
     def _adopt_intents(self, first: bool = False) -> None:
         """The intents this run recovers: at its start, those left by an earlier run; in a cluster, a staging
         intent once it is STAGING_GRACE old (until then the host that wrote it may still be uploading: checked
-        every STAGING_SCAN seconds). Each is busy until recovered: no export or deletion of its key meanwhile."""
+        every STAGING_SCAN seconds, with the dirty entries no notification scheduled). Each is busy until
+        recovered: no export or deletion of its key meanwhile."""
         now = time.monotonic()
         if not first and (self.staging_prefix is None or now < self._next_scan):
             return
         self._next_scan = now + STAGING_SCAN
+        if not first:  # a change whose notification was lost (the listener reconnecting) is exported all the same
+            for ino, _ in self.ledger.dirty_inodes(self.host):
+                if ino not in self.s.due and ino not in self.s.running:
+                    self.s.due[ino] = now + self.delay
         oldest = time.time_ns() - int(STAGING_GRACE * 1e9)
         for key, since_ns in self.ledger.intents():
             staged = self.staging_prefix is not None and key.startswith(self.staging_prefix)

@@ -211,7 +211,9 @@ class Namespace:
             return
         row = self.inodes.find(ino)
         if row is not None and row.is_orphan and row.holder == self.host:  # not another host's open file
-            self.inodes.delete(ino)
+            with db.transaction(self.conn):
+                self.exports.purged(row)  # a staging object that was its data goes too
+                self.inodes.delete(ino)
             self.on_purge(ino)
 
     def purge_orphans(self) -> None:
