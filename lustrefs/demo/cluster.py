@@ -199,16 +199,11 @@ class ClusterDemo(Demo):
         logs = " ".join(shlex.quote(str(h.home / self.fs_id / "daemon.log")) for h in (self, self.b))
         self.step("Try it yourself, from other shells")
         lines = [
-            f"export AWS_ENDPOINT_URL={self.s3.endpoint_url}",
             f"export LUSTREFS_METADATA_ENGINE=postgresql LUSTREFS_DATABASE={shlex.quote(self.conninfo)}",
             f"export LUSTREFS_HOME={shlex.quote(str(self.home))}   # host A; host B: {shlex.quote(str(self.b.home))}",
+            *self.shell_setup(),
         ]
-        if os.environ.get("AWS_ENDPOINT_URL_S3"):
-            lines.append("unset AWS_ENDPOINT_URL_S3")
-        if self.test_credentials:
-            lines.append("export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1")
         lines += [
-            f"cd {shlex.quote(os.getcwd())}",
             f"echo hello > {a}/data/hello.txt && cat {b}/data/hello.txt",
             f"mkdir {b}/data/made-on-b && ls -l {a}/data",
             f"{cli} describe-file-systems --file-system-ids {self.fs_id}",

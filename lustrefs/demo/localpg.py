@@ -194,25 +194,18 @@ class PostgresServer:
 
     # -- databases -------------------------------------------------------------------------------------------------
 
-    def _admin(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(self.conninfo(), autocommit=True, connect_timeout=max(1, int(self.timeout)))
-
     def create_database(self, name: str) -> str:
         """Create database ``name`` (from template0); returns its conninfo."""
-        from psycopg import sql
+        from lustrefs.store import pg  # psycopg is loaded only by those who use a database
 
-        with self._admin() as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+        pg.create_database(self.conninfo(), name)
         return self.conninfo(name)
 
     def drop_database(self, name: str) -> None:
         """Drop database ``name`` if it exists, ending the sessions still connected to it."""
-        from psycopg import sql
+        from lustrefs.store import pg
 
-        with self._admin() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        pg.drop_database(self.conninfo(), name)
 
     # -- life cycle ------------------------------------------------------------------------------------------------
 

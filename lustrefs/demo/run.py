@@ -317,21 +317,23 @@ class Demo:
         say(f"$ grep PosixCompliant {events}")
         say("\n".join(lines) if lines else "(no such event recorded yet)")
 
+    def shell_setup(self) -> list[str]:
+        """The commands that give another shell this demo's S3 endpoint, credentials and directory."""
+        assert self.s3 is not None
+        lines = [f"export AWS_ENDPOINT_URL={self.s3.endpoint_url}"]
+        if os.environ.get("AWS_ENDPOINT_URL_S3"):
+            lines.append("unset AWS_ENDPOINT_URL_S3")
+        if self.test_credentials:
+            lines.append("export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1")
+        return [*lines, f"cd {shlex.quote(os.getcwd())}"]
+
     def print_next_steps(self) -> None:
         assert self.s3 is not None and self.fs_id is not None
         mnt = shlex.quote(str(self.mountpoint))
         cli = shown(CLI)
         self.step("Try it yourself, from another shell")
-        lines = [
-            f"export LUSTREFS_HOME={shlex.quote(str(self.home))}",
-            f"export AWS_ENDPOINT_URL={self.s3.endpoint_url}",
-        ]
-        if os.environ.get("AWS_ENDPOINT_URL_S3"):
-            lines.append("unset AWS_ENDPOINT_URL_S3")
-        if self.test_credentials:
-            lines.append("export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1")
+        lines = [f"export LUSTREFS_HOME={shlex.quote(str(self.home))}", *self.shell_setup()]
         lines += [
-            f"cd {shlex.quote(os.getcwd())}",
             f"ls -lR {mnt}/data/results",
             f"cat {mnt}/data/README.txt",
             f"stat {mnt}/{SAMPLE_POSIX_KEY}",

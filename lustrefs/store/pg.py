@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 from lustrefs.store import db
 
@@ -204,6 +205,18 @@ def connect(conninfo: str, fs_id: str) -> PgConnection:
                 " every host must run the same lustrefs"
             )
     return conn
+
+
+def create_database(conninfo: str, name: str) -> None:
+    """Create database ``name`` (from template0) on the server of ``conninfo`` (the tests' and demos' server)."""
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(psycopg.sql.Identifier(name)))
+
+
+def drop_database(conninfo: str, name: str) -> None:
+    """Drop database ``name`` if it exists, ending the sessions still connected to it."""
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
 
 
 def drop(conninfo: str, fs_id: str) -> None:

@@ -331,7 +331,11 @@ class Writeback:
 
     def _staging(self, source: ObjectVersion | None) -> bool:
         """Whether ``source`` is a staging object (cluster engine)."""
-        return source is not None and self.staging_prefix is not None and source.key.startswith(self.staging_prefix)
+        return source is not None and self._staging_key(source.key)
+
+    def _staging_key(self, key: str) -> bool:
+        """Whether ``key`` is in this file system's staging area (cluster engine)."""
+        return self.staging_prefix is not None and key.startswith(self.staging_prefix)
 
     async def stage_held(self) -> list[tuple[str, str]]:
         """Stage every file this host holds (at unmount); returns (path, reason) of those that failed."""
@@ -682,7 +686,7 @@ class Writeback:
                     self.s.due[ino] = now + self.delay
         oldest = time.time_ns() - int(STAGING_GRACE * 1e9)
         for key, since_ns in self.ledger.intents():
-            staged = self.staging_prefix is not None and key.startswith(self.staging_prefix)
+            staged = self._staging_key(key)
             if key not in self.s.busy and ((first and not staged) or (staged and since_ns < oldest)):
                 self.s.stale.add(key)
                 self.s.busy[key] = trio.Event()
@@ -716,7 +720,7 @@ class Writeback:
         for key in self.ledger.pending_deletes():
             if key in self.s.busy:
                 continue  # a request writes it, or a recovery: the outcome decides
-            staged = self.staging_prefix is not None and key.startswith(self.staging_prefix)  # not the policy's
+            staged = self._staging_key(key)  # deleted whatever the policy says
             if not (staged or "DELETED" in (self.policy(key) or ())) or self.ledger.live(key):
                 with db.transaction(self.ns.conn):
                     self.ledger.deleted(key)
